@@ -1,0 +1,63 @@
+"""A plain PyTorch training loop, written without tiertune's engine: the reference for equivalence tests.
+
+It shares only the data pipeline (the same rows in the same order) and the model constructor (the same
+seeded weights) with tiertune; the loss, accumulation, clipping, schedule and optimizer are spelled out
+here with stock PyTorch, so a tiertune engine that trains "the same" must match it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tiertune.config import JobConfig
+from tiertune.launch.data import BatchStream, build_splits
+from tiertune.launch.models import build_model, load_tokenizer
+
+
+def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Train ``cfg`` (full tuning, fp32, CPU) the textbook way; return per-step losses and final weights."""
+    torch.manual_seed(cfg.train.seed)
+    tok = load_tokenizer(cfg.model)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    rows = build_splits(cfg.data, tok, cfg.train.seed).train
+    stream = BatchStream(rows, cfg.train.micro_batch_size, cfg.train.seed)
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        foreach=False,
+    )
+
+    def lr(step: int) -> float:
+        if step <= o.warmup_steps:
+            return o.lr * step / o.warmup_steps
+        progress = (step - o.warmup_steps) / (cfg.train.max_steps - o.warmup_steps)
+        floor = o.lr * o.min_lr_ratio
+        return floor + (o.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    losses = []
+    for step in range(1, cfg.train.max_steps + 1):
+        batches = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
+        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = 0.0
+        for b in batches:
+            logits = model(input_ids=b["input_ids"]).logits
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+            )
+            (loss / n_targets).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+        for group in opt.param_groups:
+            group["lr"] = lr(step)
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / n_targets)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,0 +1,74 @@
+import pytest
+from conftest import FAST, REPO, run_cli
+
+from tiertune.launch.cli import main
+
+
+def test_validate_accepts_an_example(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["validate", "examples/tiny-llama-full.yaml"]) == 0
+    assert "valid" in capsys.readouterr().out
+
+
+def test_validate_prints_the_resolved_config(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(["validate", "examples/tiny-llama-full.yaml", "optim.lr=0.005", "--print"]) == 0
+    assert "lr: 0.005" in capsys.readouterr().out
+
+
+def test_a_typo_exits_2_with_a_suggestion(tmp_path, capsys):
+    job = tmp_path / "job.yaml"
+    job.write_text("train:\n  max_stpes: 5\n")
+    assert main(["validate", str(job), "optim.lr=fast"]) == 2
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err
+    assert "unknown key 'train.max_stpes' (did you mean 'train.max_steps'?)" in err
+    assert "optim.lr: expected a number, got 'fast'" in err
+    assert "Traceback" not in err
+
+
+def test_train_refuses_a_bad_override_before_doing_anything(tmp_path, capsys):
+    assert main(["train", f"output_dir={tmp_path / 'out'}", "train.max_step=3"]) == 2
+    assert "did you mean 'train.max_steps'?" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_needs_a_file(capsys):
+    assert main(["validate", "optim.lr=1"]) == 2
+    assert main(["validate", "/no/such.yaml"]) == 2
+
+
+def test_unknown_command_is_a_usage_error():
+    with pytest.raises(SystemExit) as info:
+        main(["trian"])
+    assert info.value.code == 2
+
+
+def test_keys_and_presets_list_everything(capsys):
+    assert main(["keys"]) == 0
+    assert "optim.max_grad_norm = 1.0" in capsys.readouterr().out
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-70b" in out and "69.0B" not in out and "68976.6M" in out
+
+
+@pytest.mark.slow
+def test_python_dash_m_trains_and_says_where(tmp_path):
+    result = run_cli("train", *FAST, f"output_dir={tmp_path}", "train.max_steps=3")
+    assert result.returncode == 0, result.stderr
+    assert f"output directory: {tmp_path}" in result.stderr
+    assert "done: 3 steps" in result.stdout and str(tmp_path) in result.stdout
+
+
+@pytest.mark.slow
+def test_default_output_dir_is_new_under_runs(tmp_path):
+    result = run_cli("train", *FAST, "train.max_steps=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (made,) = (tmp_path / "runs").iterdir()
+    assert made.name.endswith("-tiny-llama-full") and (made / "metrics.jsonl").is_file()
+
+
+def test_blocks_describes_a_big_model_without_allocating_it(capsys):
+    assert main(["blocks", "model.preset=llama-70b"]) == 0
+    out = capsys.readouterr().out
+    assert "82 blocks" in out and "model.layers.79" in out and "68,976,648,192" in out

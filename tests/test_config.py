@@ -1,0 +1,181 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiertune.config import JobConfig, dump_config, iter_keys, load_config
+from tiertune.errors import ConfigError
+from tiertune.tuning import METHODS
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml")) + sorted((REPO / "examples").glob("*.toml"))
+
+
+def problems_of(path=None, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return info.value.problems
+
+
+def write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_pick_tiny_llama():
+    cfg = load_config()
+    assert cfg.model.preset == "tiny-llama"
+    assert cfg.data.path == "builtin:arithmetic"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_valid(example, monkeypatch):
+    monkeypatch.chdir(REPO)  # examples name their data files relative to the repository root
+    assert isinstance(load_config(example), JobConfig)
+
+
+def test_examples_exist():
+    assert len(EXAMPLES) >= 3
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    path = write(tmp_path, "optim:\n  lrr: 0.001\ntrian:\n  max_steps: 3\n")
+    problems = problems_of(path)
+    assert "unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in problems
+    assert "unknown key 'trian' (did you mean 'train'?)" in problems
+
+
+def test_key_in_the_wrong_section_is_pointed_to_its_home():
+    (problem,) = problems_of(None, ["train.lr=0.1"])
+    assert "did you mean 'optim.lr'?" in problem
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write(
+        tmp_path,
+        "train:\n  max_steps: ten\n  dtype: fp16\n  micro_batch_size: -2\n"
+        "optim:\n  lr: true\n  betas: [0.9]\nmodel:\n  prest: x\n",
+    )
+    problems = problems_of(path)
+    assert len(problems) == 6, problems
+    text = "\n".join(problems)
+    assert "train.max_steps: expected an integer, got 'ten' (str)" in text
+    assert "train.dtype: 'fp16' is not allowed; choose one of: fp32, bf16" in text
+    assert "train.micro_batch_size: -2 must be > 0" in text
+    assert "optim.lr: expected a number, got True (bool)" in text
+    assert "optim.betas" in text
+    assert "unknown key 'model.prest' (did you mean 'model.preset'?)" in text
+
+
+def test_overrides_beat_the_file_and_later_overrides_win(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 0.01\ntrain:\n  max_steps: 5\n  seed: 3\n")
+    cfg = load_config(path, ["optim.lr=3e-4", "train.max_steps=20", "train.max_steps=30"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.max_steps == 30
+    assert cfg.train.seed == 3  # from the file
+    assert cfg.train.micro_batch_size == JobConfig().train.micro_batch_size  # the default
+
+
+def test_yaml_reads_3e_minus_4_as_a_number(tmp_path):
+    # YAML 1.1 reads '3e-4' as a string; a float field must still take it.
+    assert load_config(write(tmp_path, "optim:\n  lr: 3e-4\n")).optim.lr == pytest.approx(3e-4)
+
+
+def test_toml_and_yaml_give_the_same_config(tmp_path):
+    y = load_config(write(tmp_path, "train:\n  max_steps: 70\ntuning:\n  method: lora\n  lora:\n    r: 4\n"))
+    t = load_config(
+        write(
+            tmp_path, "[train]\nmax_steps = 70\n[tuning]\nmethod = 'lora'\n[tuning.lora]\nr = 4\n", "job.toml"
+        )
+    )
+    assert y == t
+
+
+def test_list_overrides():
+    cfg = load_config(None, ["tuning.lora.target_modules=q_proj,v_proj", "optim.betas=[0.8, 0.9]"])
+    assert cfg.tuning.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.optim.betas == [0.8, 0.9]
+
+
+def test_none_override_clears_an_optional_key():
+    assert load_config(None, ["output_dir=null"]).output_dir is None
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("trainmax_steps", "is not of the form dotted.key=value"),
+        ("train=3", "train is a section"),
+        ("model.preset=tiny-lama", "did you mean 'tiny-llama'?"),
+        ("data.path=/no/such/file.jsonl", "does not exist"),
+        ("data.path=builtin:nope", "is not a built-in dataset"),
+        ("model.path=/no/such/dir", "is not a directory"),
+        ("train.resume=always", "choose one of: auto, never"),
+        ("optim.warmup_steps=500", "more than train.max_steps"),
+        ("data.eval_fraction=0.9", "must be between 0.0 and 0.5"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, fragment):
+    problems = problems_of(None, [override])
+    assert any(fragment in p for p in problems), problems
+
+
+def test_preset_and_path_together_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    problems = problems_of(None, ["model.preset=tiny-llama", f"model.path={tmp_path}"])
+    assert any("set exactly one" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("train: [1, 2\n", "not valid YAML at line"),
+        ("- just\n- a list\n", "top level must be a mapping"),
+        ("train: 5\n", "train: expected a mapping of keys"),
+    ],
+)
+def test_malformed_files(tmp_path, text, fragment):
+    problems = problems_of(write(tmp_path, text))
+    assert any(fragment in p for p in problems), problems
+
+
+def test_missing_config_file():
+    assert "does not exist" in problems_of("/no/such/job.yaml")[0]
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(None, ["optim.lr=0.002", "tuning.method=lora"])
+    again = yaml.safe_load(dump_config(cfg))
+    assert again["optim"]["lr"] == 0.002 and again["tuning"]["method"] == "lora"
+
+
+def test_every_key_has_help_and_schema_matches_the_method_registry():
+    keys = list(iter_keys())
+    assert all(help_text for _, _, help_text in keys)
+    names = {k for k, _, _ in keys}
+    for required in [
+        "model.preset",
+        "model.path",
+        "data.path",
+        "data.seq_len",
+        "tuning.method",
+        "train.max_steps",
+        "train.micro_batch_size",
+        "train.grad_accum_steps",
+        "train.seed",
+        "train.checkpoint_every",
+        "train.resume",
+        "train.dtype",
+        "optim.lr",
+        "optim.weight_decay",
+        "optim.max_grad_norm",
+        "output_dir",
+    ]:
+        assert required in names
+    import typing
+
+    from tiertune.config.schema import TuningConfig
+
+    allowed = set(typing.get_args(typing.get_type_hints(TuningConfig)["method"]))
+    assert allowed == set(METHODS)

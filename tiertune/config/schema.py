@@ -1,0 +1,166 @@
+"""The job config schema: every key a job accepts, its default, its unit and why it has that default.
+
+One place, typed. :mod:`tiertune.config.loader` turns YAML/TOML files and ``key=value`` overrides into
+these dataclasses, rejecting unknown keys and bad values. Field metadata carries the help text shown by
+``tiertune validate --keys`` and an optional ``check`` (a value -> problem-or-None function).
+Later subsystems (memory tiers, offload, the optimizer tier) add their own sections here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Check = Callable[[Any], "str | None"]
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _between(lo: float, hi: float) -> Check:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _betas(v: list[float]) -> str | None:
+    if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
+        return "must be two numbers in [0, 1), e.g. [0.9, 0.95]"
+    return None
+
+
+def _non_empty(v: Any) -> str | None:
+    return None if len(v) > 0 else "must not be empty"
+
+
+def opt(default: Any, help: str, check: Check | None = None) -> Any:
+    """A config field: its default, the one-line help, and an optional value check."""
+    meta = {"help": help, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = opt(
+        None,
+        "built-in model by name (tiny-llama, llama-7b, ...; `tiertune presets` lists them); "
+        "random init from the seed. Default tiny-llama when model.path is unset",
+    )
+    path: str | None = opt(
+        None, "local HuggingFace causal-LM directory (config.json, *.safetensors, tokenizer files)"
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str = opt(
+        "builtin:arithmetic",
+        "JSONL ('text', or 'prompt'+'completion') or plain-text file; "
+        "'builtin:NAME' for a dataset tiertune generates (builtin:arithmetic)",
+    )
+    format: Literal["auto", "jsonl", "text"] = opt("auto", "file format; auto decides by extension")
+    seq_len: int = opt(128, "tokens per packed training sequence", _positive)
+    eval_fraction: float = opt(
+        0.05,
+        "share of examples held out for eval loss (split before packing, by the seed)",
+        _between(0.0, 0.5),
+    )
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(8, "adapter rank", _positive)
+    alpha: float = opt(16.0, "scaling numerator: the update is scaled by alpha / r", _positive)
+    dropout: float = opt(0.0, "dropout on the adapter input", _between(0.0, 0.9))
+    target_modules: list[str] = opt(
+        ["all-linear"],
+        "module names to adapt (e.g. [q_proj, v_proj]); [all-linear] adapts every linear layer but the head",
+        _non_empty,
+    )
+
+
+@dataclass
+class TuningConfig:
+    method: Literal["full", "lora"] = opt("full", "full: train every weight; lora: train adapters only")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = opt(400, "optimizer steps in the whole run (resuming counts the steps done)", _positive)
+    micro_batch_size: int = opt(8, "sequences per forward/backward", _positive)
+    grad_accum_steps: int = opt(
+        1, "micro-batches per optimizer step; the loss is the token mean over all of them", _positive
+    )
+    seed: int = opt(0, "seeds model init, data split and order, dropout")
+    dtype: Literal["fp32", "bf16"] = opt(
+        "fp32", "compute dtype; bf16 keeps fp32 master weights and runs matmuls in bf16"
+    )
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available, else cpu")
+    checkpoint_every: int = opt(
+        100, "save a checkpoint every N steps and at the end; 0 saves none", _non_negative
+    )
+    keep_checkpoints: int = opt(2, "complete checkpoints kept; older ones are deleted", _positive)
+    resume: Literal["auto", "never"] = opt(
+        "auto",
+        "auto: continue from the latest complete checkpoint in output_dir; never: start "
+        "fresh (refused if output_dir already holds checkpoints)",
+    )
+    eval_every: int = opt(100, "eval loss every N steps and at the end; 0 only at the end", _non_negative)
+    eval_max_batches: int = opt(
+        16, "cap on eval batches per evaluation; 0 evaluates the whole split", _non_negative
+    )
+    eval_exact_match_samples: int = opt(
+        32,
+        "held-out prompt/completion examples answered greedily at the end and scored by exact match; 0 skips",
+        _non_negative,
+    )
+    log_every: int = opt(10, "steps between progress lines when the bar is off", _positive)
+    progress: Literal["auto", "bar", "lines", "off"] = opt(
+        "auto", "auto: a bar on a terminal, lines otherwise"
+    )
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw"] = opt("adamw", "optimizer (torch AdamW, fused where the device has it)")
+    lr: float = opt(2e-3, "peak learning rate", _positive)
+    weight_decay: float = opt(
+        0.0, "decoupled weight decay, on matrices only (not norms/biases)", _non_negative
+    )
+    betas: list[float] = opt([0.9, 0.95], "Adam moment decay rates", _betas)
+    eps: float = opt(1e-8, "Adam denominator epsilon", _positive)
+    max_grad_norm: float = opt(1.0, "clip the global gradient L2 norm to this; 0 disables", _non_negative)
+    schedule: Literal["cosine", "linear", "constant"] = opt(
+        "cosine", "decay after warmup, down to lr * min_lr_ratio at max_steps"
+    )
+    warmup_steps: int = opt(20, "steps of linear warmup from 0 to lr", _non_negative)
+    min_lr_ratio: float = opt(0.1, "final lr as a share of lr", _between(0.0, 1.0))
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tuning: TuningConfig = field(default_factory=TuningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str | None = opt(None, "where checkpoints and metrics go; default a new runs/<time>-<model>")
+
+    def cross_problems(self) -> list[str]:
+        """Problems that involve more than one key (single-key checks live in field metadata)."""
+        problems = []
+        if self.model.preset is not None and self.model.path is not None:
+            problems.append("model.preset and model.path are both set; set exactly one")
+        if self.optim.warmup_steps > self.train.max_steps:
+            problems.append(
+                f"optim.warmup_steps: {self.optim.warmup_steps} is more than train.max_steps "
+                f"({self.train.max_steps}); lower it, e.g. optim.warmup_steps={self.train.max_steps // 10}"
+            )
+        return problems

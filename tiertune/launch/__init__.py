@@ -1,0 +1,1 @@
+"""The job runner: CLI, models, data, the training loop, checkpoints."""

@@ -1,0 +1,155 @@
+"""The ``tiertune`` command line.
+
+    tiertune train [CONFIG] [key=value ...]     run a job (no CONFIG: the embedded default)
+    tiertune validate CONFIG [key=value ...]    check a config without running it
+    tiertune keys                               every config key with its default and meaning
+    tiertune presets                            the built-in models and their training-state sizes
+    tiertune blocks [CONFIG] [key=value ...]    the job's model cut into the blocks that offload moves
+
+Exit status: 0 done, 2 bad input (config, data, checkpoint, output directory; the message says what to
+do), 130 interrupted, 1 anything else (a bug: the traceback is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from tiertune.errors import TiertuneError
+
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [k=v ...]`` -> (config path or None, overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiertune", description="Memory-tiered LLM training and fine-tuning."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = sub.add_parser(
+        "train",
+        help="run a training job",
+        description="Run a job. Without CONFIG: tiny-llama on the built-in dataset.",
+    )
+    train.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG] [key=value]",
+        help="a .yaml/.toml job file, then overrides such as optim.lr=3e-4",
+    )
+    validate = sub.add_parser("validate", help="check a config without running it")
+    validate.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+    validate.add_argument("--print", action="store_true", help="print the resolved config")
+    sub.add_parser("keys", help="list every config key with its default and meaning")
+    sub.add_parser("presets", help="list the built-in models")
+    blocks = sub.add_parser("blocks", help="show the job's model cut into blocks (built on meta: no memory)")
+    blocks.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[ns.command](ns)
+    except TiertuneError as e:
+        print(f"tiertune: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("tiertune: interrupted; resume with the same command (train.resume=auto)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from tiertune.config import load_config
+
+    path, overrides = _split_args(ns.args)
+    cfg = load_config(path, overrides)
+    _quiet_libraries()
+    from tiertune.launch.loop import format_summary, run
+
+    summary = run(cfg)
+    print(format_summary(summary))
+    return EXIT_OK
+
+
+def _validate(ns: argparse.Namespace) -> int:
+    from tiertune.config import dump_config, load_config
+
+    path, overrides = _split_args(ns.args)
+    if path is None:
+        print("tiertune: error: validate needs a config file first", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    cfg = load_config(path, overrides)
+    print(dump_config(cfg) if ns.print else f"{path}: valid")
+    return EXIT_OK
+
+
+def _keys(ns: argparse.Namespace) -> int:
+    from tiertune.config import iter_keys
+
+    for key, default, help_text in iter_keys():
+        print(f"{key} = {default!r}\n    {help_text}")
+    return EXIT_OK
+
+
+def _presets(ns: argparse.Namespace) -> int:
+    _quiet_libraries()
+    from tiertune.config import ModelConfig
+    from tiertune.launch.models import build_model, count_parameters
+    from tiertune.launch.presets import PRESETS
+    from tiertune.memory import format_bytes
+
+    print(f"{'preset':14} {'family':8} {'params':>10} {'full FT state*':>15}  description")
+    for name, preset in PRESETS.items():
+        n = count_parameters(build_model(ModelConfig(preset=name), seed=0, device="meta"))
+        # fp32 weights + fp32 grads + two fp32 Adam moments = 16 bytes per parameter.
+        print(f"{name:14} {preset.family:8} {n / 1e6:9.1f}M {format_bytes(16 * n):>15}  {preset.description}")
+    print("* fp32 weights, gradients and AdamW moments (16 bytes/parameter), before activations")
+    return EXIT_OK
+
+
+def _blocks(ns: argparse.Namespace) -> int:
+    from tiertune.config import load_config
+
+    path, overrides = _split_args(ns.args)
+    cfg = load_config(path, overrides)
+    _quiet_libraries()
+    from tiertune.launch.models import build_model, describe
+    from tiertune.memory import format_bytes
+    from tiertune.offload import find_blocks
+
+    blocks = find_blocks(build_model(cfg.model, seed=cfg.train.seed, device="meta"))
+    print(f"{describe(cfg.model)}: {len(blocks)} blocks")
+    print(f"{'block':28} {'kind':6} {'params':>12} {'fp32':>11} {'bf16':>11}  tied")
+    for b in blocks:
+        print(
+            f"{b.name:28} {b.kind:6} {b.numel:12,} {format_bytes(4 * b.numel):>11} "
+            f"{format_bytes(2 * b.numel):>11}  {', '.join(b.tied)}"
+        )
+    total = sum(b.numel for b in blocks)
+    print(f"{'total':28} {'':6} {total:12,} {format_bytes(4 * total):>11} {format_bytes(2 * total):>11}")
+    return EXIT_OK
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for tiertune's own progress: no library warnings or bars for routine work."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed (when installed) while saving; told the accelerator, DeepSpeed
+        # does not warn that it found none.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+_COMMANDS = {"train": _train, "validate": _validate, "keys": _keys, "presets": _presets, "blocks": _blocks}

@@ -1,0 +1,44 @@
+"""LoRA through peft: the base weights are frozen, low-rank adapters beside chosen linears train.
+
+The export is peft's adapter format, so ``peft.PeftModel.from_pretrained(base, directory)`` loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from torch import nn
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from tiertune.config import TuningConfig
+from tiertune.errors import ConfigError
+from tiertune.tuning.registry import register
+
+
+class LoraTuning:
+    name = "lora"
+
+    def apply(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
+        targets = cfg.lora.target_modules
+        peft_cfg = PeftLoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            return get_peft_model(model, peft_cfg)
+        except ValueError as e:  # peft names the targets it could not find
+            raise ConfigError(
+                [f"tuning.lora.target_modules: {targets!r} does not fit this model: {e}"]
+            ) from None
+
+    def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+
+register(LoraTuning())
