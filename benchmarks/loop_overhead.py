@@ -23,6 +23,7 @@ from tiertune.config import load_config
 from tiertune.launch.data import BatchStream, build_splits
 from tiertune.launch.loop import run
 from tiertune.launch.models import build_model, load_tokenizer
+from tiertune.launch.progress import quiet_libraries
 
 JOB = [
     "train.progress=off",
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    quiet_libraries()
     cfg = load_config(None, [*JOB, f"train.max_steps={args.steps}"])
     bare, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,6 @@ do), 130 interrupted, 1 anything else (a bug: the traceback is kept).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -72,7 +71,7 @@ def _train(ns: argparse.Namespace) -> int:
 
     path, overrides = _split_args(ns.args)
     cfg = load_config(path, overrides)
-    _quiet_libraries()
+    _quiet()
     from tiertune.launch.loop import format_summary, run
 
     summary = run(cfg)
@@ -101,7 +100,7 @@ def _keys(ns: argparse.Namespace) -> int:
 
 
 def _presets(ns: argparse.Namespace) -> int:
-    _quiet_libraries()
+    _quiet()
     from tiertune.config import ModelConfig
     from tiertune.launch.models import build_model, count_parameters
     from tiertune.launch.presets import PRESETS
@@ -121,7 +120,7 @@ def _blocks(ns: argparse.Namespace) -> int:
 
     path, overrides = _split_args(ns.args)
     cfg = load_config(path, overrides)
-    _quiet_libraries()
+    _quiet()
     from tiertune.launch.models import build_model, describe
     from tiertune.memory import format_bytes
     from tiertune.offload import find_blocks
@@ -139,17 +138,10 @@ def _blocks(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quiet_libraries() -> None:
-    """Keep the terminal for tiertune's own progress: no library warnings or bars for routine work."""
-    import torch
-    import transformers
+def _quiet() -> None:
+    from tiertune.launch.progress import quiet_libraries  # imports torch: not for `validate` or `keys`
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if not torch.cuda.is_available():
-        # transformers imports DeepSpeed (when installed) while saving; told the accelerator, DeepSpeed
-        # does not warn that it found none.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    quiet_libraries()
 
 
 _COMMANDS = {"train": _train, "validate": _validate, "keys": _keys, "presets": _presets, "blocks": _blocks}

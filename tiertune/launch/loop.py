@@ -10,7 +10,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ class Summary:
     total_params: int
     final_checkpoint: str | None
     export_dir: str | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def pick_device(name: str) -> torch.device:
@@ -300,9 +299,7 @@ def format_summary(s: Summary) -> str:
         + ")"
     ]
     if s.first_loss is not None:
-        lines.append(
-            f"  train loss {s.first_loss:.4f} (step {s.resumed_from_step + 1}) -> {s.final_loss:.4f}"
-        )
+        lines.append(f"  train loss {s.first_loss:.4f} (first step) -> {s.final_loss:.4f} (last step)")
     if s.eval_loss is not None:
         lines.append(f"  eval loss  {s.eval_loss:.4f}")
     if s.exact_match:

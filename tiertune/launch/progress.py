@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,19 @@ from typing import Any
 from tqdm import tqdm
 
 from tiertune.memory import format_bytes
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for tiertune's own progress: no library warnings or bars for routine work."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed (when installed) while saving; told the accelerator, DeepSpeed
+        # does not warn that it found none.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def say(message: str) -> None:
