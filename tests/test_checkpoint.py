@@ -74,3 +74,55 @@ def test_manifest_lists_sizes_and_checksums(tmp_path):
         "bytes": 3,
         "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
     }
+
+
+def test_a_writer_that_fails_its_own_way_is_reported_too(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 1, lambda d: (d / "a.bin").write_bytes(b"x"), keep=2)
+
+    def torch_save_on_a_full_disk(directory):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1110")
+
+    with pytest.raises(CheckpointError, match="RuntimeError.*MiB free there.*step-00000001.*is intact"):
+        ckpt.save_checkpoint(tmp_path, 2, torch_save_on_a_full_disk, keep=2)
+
+
+@pytest.mark.slow
+def test_a_job_that_cannot_write_its_checkpoint_stops_cleanly_and_keeps_the_last_one(tmp_path):
+    """A real write failure: the job runs under a 16 MiB file-size limit, so torch.save of the 24 MiB
+    optimizer state fails inside torch (as on a full disk) while everything smaller still writes."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import FAST, REPO
+
+    run(fast_config(tmp_path, "train.max_steps=2", "train.checkpoint_every=2"))
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get an error from write(), not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiertune",
+            "train",
+            *FAST,
+            f"output_dir={tmp_path}",
+            "train.max_steps=4",
+            "train.checkpoint_every=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot write checkpoint step 4" in result.stderr and "step-00000002) is intact" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path)] == [2]
+    ckpt.verify_checkpoint(tmp_path / "checkpoints" / "step-00000002")
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))

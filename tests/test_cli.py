@@ -23,7 +23,7 @@ def test_a_typo_exits_2_with_a_suggestion(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 problem(s)" in err
     assert "unknown key 'train.max_stpes' (did you mean 'train.max_steps'?)" in err
-    assert "optim.lr: expected a number, got 'fast'" in err
+    assert "optim.lr: expected a finite number, got 'fast'" in err
     assert "Traceback" not in err
 
 

@@ -63,7 +63,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "train.max_steps: expected an integer, got 'ten' (str)" in text
     assert "train.dtype: 'fp16' is not allowed; choose one of: fp32, bf16" in text
     assert "train.micro_batch_size: -2 must be > 0" in text
-    assert "optim.lr: expected a number, got True (bool)" in text
+    assert "optim.lr: expected a finite number, got True (bool)" in text
     assert "optim.betas" in text
     assert "unknown key 'model.prest' (did you mean 'model.preset'?)" in text
 
@@ -98,8 +98,86 @@ def test_list_overrides():
     assert cfg.optim.betas == [0.8, 0.9]
 
 
-def test_none_override_clears_an_optional_key():
-    assert load_config(None, ["output_dir=null"]).output_dir is None
+def test_none_override_clears_an_optional_key(tmp_path):
+    path = write(tmp_path, "output_dir: somewhere\n")
+    assert load_config(path).output_dir == "somewhere"
+    assert load_config(path, ["output_dir=null"]).output_dir is None
+
+
+@pytest.mark.parametrize(
+    "key, suggestion",
+    [
+        ("train.warmup_steps=5", "'optim.warmup_steps'"),  # not the fuzzy sibling train.max_steps
+        ("optim.max_steps=100", "'train.max_steps'"),  # not the fuzzy sibling optim.warmup_steps
+        ("path=x", "'model.path' or 'data.path'"),
+    ],
+)
+def test_a_key_in_another_section_is_sent_home_not_to_a_lookalike(key, suggestion):
+    (problem,) = problems_of(None, [key])
+    assert f"did you mean {suggestion}?" in problem
+
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr=1e400", "optim.eps=nan"])
+def test_non_finite_numbers_are_refused(override):
+    (problem,) = problems_of(None, [override])
+    assert "expected a finite number" in problem
+
+
+@pytest.mark.parametrize("override", ["optim.betas=[0.8,", "tuning.lora.target_modules=[q_proj"])
+def test_a_malformed_list_override_is_a_problem_not_a_crash(override):
+    (problem,) = problems_of(None, [override])
+    assert "expected a list" in problem
+
+
+def test_yaml_booleans_and_stray_spaces_still_name_their_choice(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  progress: off\n"), ["train.dtype= bf16"])
+    assert cfg.train.progress == "off" and cfg.train.dtype == "bf16"
+
+
+def test_an_empty_section_is_allowed(tmp_path):
+    assert load_config(write(tmp_path, "train:\n  # max_steps: 10\noptim:\n")) == load_config()
+
+
+def test_warmup_defaults_to_a_share_of_the_run():
+    assert load_config(None, ["train.max_steps=400"]).optim.warmup_steps == 20
+    assert load_config(None, ["train.max_steps=5"]).optim.warmup_steps == 0  # short runs just work
+
+
+def test_type_errors_and_file_checks_are_reported_together(tmp_path):
+    path = write(tmp_path, "train:\n  max_stpes: 5\ndata:\n  path: /no/such.jsonl\n")
+    problems = problems_of(path, ["train.seed=-1"])
+    assert len(problems) == 3, problems
+    assert any("does not exist" in p for p in problems)
+    assert any("train.seed: -1 must be between 0 and 2**32 - 1" in p for p in problems)
+
+
+def test_an_unreadable_config_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(b"train:\n  seed: \xff\xfe\n")
+    assert "cannot read the config file" in problems_of(path)[0]
+
+
+def test_the_loader_coerces_bools_optionals_and_lists_for_any_schema():
+    from dataclasses import dataclass, field
+
+    from tiertune.config.loader import build_dataclass, parse_overrides
+
+    @dataclass
+    class Section:
+        flag: bool = False
+        limit: int | None = 3
+        names: list[str] = field(default_factory=list)
+
+    tree, problems = parse_overrides(["flag=yes", "limit=none", "names=a, b"])
+    section, build_problems = build_dataclass(Section, tree)
+    assert not problems and not build_problems
+    assert section == Section(flag=True, limit=None, names=["a", "b"])
+    _, bad = build_dataclass(Section, {"flag": "maybe", "limit": 2.5, "names": "x"})
+    assert bad == [
+        "flag: expected true or false, got 'maybe' (str)",
+        "limit: expected an integer, got 2.5 (float)",
+        "names: expected a list of str, got 'x' (str)",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -179,3 +257,8 @@ def test_every_key_has_help_and_schema_matches_the_method_registry():
 
     allowed = set(typing.get_args(typing.get_type_hints(TuningConfig)["method"]))
     assert allowed == set(METHODS)
+
+
+def test_a_sequence_longer_than_the_model_positions_is_refused():
+    (problem,) = problems_of(None, ["model.preset=tiny-gpt2", "data.seq_len=2048"])
+    assert problem == "data.seq_len: 2048 is longer than the model's 1024 positions; lower it to at most 1024"

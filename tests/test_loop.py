@@ -152,22 +152,127 @@ def test_full_export_is_a_model_directory_a_new_job_can_start_from(tmp_path):
     assert again.steps == 3 and again.first_loss < first.first_loss
 
 
-def test_bf16_trains(tmp_path):
-    summary = run(fast_config(tmp_path, "train.dtype=bf16", "train.max_steps=3"))
-    assert summary.final_loss is not None and summary.final_loss == summary.final_loss
+def test_bf16_trains_close_to_fp32_but_not_identically(tmp_path):
+    fp32 = run(fast_config(tmp_path / "fp32", "train.max_steps=3"))
+    bf16 = run(fast_config(tmp_path / "bf16", "train.dtype=bf16", "train.max_steps=3"))
+    losses = [[r["loss"] for r in metrics(tmp_path / d)] for d in ("fp32", "bf16")]
+    assert losses[0] != losses[1]  # the matmuls really ran in bf16
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert bf16.final_loss == pytest.approx(fp32.final_loss, rel=2e-2)
 
 
-def test_non_finite_gradient_skips_the_step_and_training_goes_on(tmp_path):
-    from tiertune.config import OptimConfig
-    from tiertune.optim import TorchAdamWUpdater
+def test_a_non_finite_gradient_skips_that_step_and_training_goes_on(tmp_path, monkeypatch):
+    import tiertune.launch.loop as loop
 
-    p = torch.nn.Parameter(torch.ones(3))
-    updater = TorchAdamWUpdater([("w", p)], OptimConfig())
-    p.grad = torch.tensor([1.0, float("inf"), 0.0])
-    report = updater.step(lr=0.1)
-    assert report.skipped and torch.equal(p.detach(), torch.ones(3)) and p.grad is None
-    p.grad = torch.tensor([1.0, 1.0, 1.0])
-    assert not updater.step(lr=0.1).skipped and not torch.equal(p.detach(), torch.ones(3))
+    build_engine = loop.build_engine
+    backwards = {"n": 0}
+
+    def poison_third_backward(cfg, model, device):
+        def hook(grad):
+            backwards["n"] += 1
+            return grad * float("inf") if backwards["n"] == 3 else grad
+
+        next(p for p in model.parameters() if p.requires_grad).register_hook(hook)
+        return build_engine(cfg, model, device)
+
+    monkeypatch.setattr(loop, "build_engine", poison_third_backward)
+    summary = run(
+        fast_config(tmp_path, "train.max_steps=5", "train.checkpoint_every=1", "train.keep_checkpoints=10")
+    )
+    rows = metrics(tmp_path)
+    assert [r.get("skipped", False) for r in rows] == [False, False, True, False, False]
+    assert rows[2]["grad_norm"] is None  # inf, written as JSON null
+    assert summary.skipped_steps == 1 and summary.steps == 5
+    ckpts = tmp_path / "checkpoints"
+    before, after, last = (
+        load_file(str(ckpts / f"step-{s:08d}" / "trainable.safetensors")) for s in (2, 3, 5)
+    )
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing moved
+    assert all(torch.isfinite(t).all() for t in last.values())
+    assert not all(torch.equal(after[k], last[k]) for k in last)  # and training went on
+
+
+def test_steps_whose_rows_carry_no_loss_are_skipped_not_applied(tmp_path):
+    data = tmp_path / "long-prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "p" * 60, "completion": " x"}) + "\n" for _ in range(40)))
+    out = tmp_path / "run"
+    summary = run(
+        fast_config(
+            out,
+            f"data.path={data}",
+            "data.seq_len=16",
+            "train.micro_batch_size=1",
+            "train.max_steps=6",
+            "train.checkpoint_every=1",
+            "train.keep_checkpoints=10",
+        )
+    )
+    rows = metrics(out)
+    empty = [r["step"] for r in rows if r["target_tokens"] == 0]
+    assert empty and summary.skipped_steps == len(empty)
+    for r in rows:
+        assert (r["loss"] is None) == (r["step"] in empty) and r.get("skipped", False) == (r["step"] in empty)
+    step = next(s for s in empty if s > 1)
+    before, after = (
+        load_file(str(out / "checkpoints" / f"step-{s:08d}" / "trainable.safetensors"))
+        for s in (step - 1, step)
+    )
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_no_eval_split_trains_without_eval(tmp_path):
+    summary = run(fast_config(tmp_path, "data.eval_fraction=0", "train.max_steps=2", "train.eval_every=1"))
+    assert summary.eval_loss is None and all("eval_loss" not in r for r in metrics(tmp_path))
+
+
+def test_resume_applies_the_new_optimizer_settings(tmp_path):
+    from tiertune.launch import resume
+    from tiertune.launch.engine import build_engine
+    from tiertune.launch.models import build_model
+
+    run(fast_config(tmp_path, "train.max_steps=2", "train.checkpoint_every=2"))
+    cfg = fast_config(
+        tmp_path, "train.max_steps=4", "optim.weight_decay=0.1", "optim.betas=[0.5, 0.6]", "optim.eps=1e-6"
+    )
+    engine = build_engine(cfg, build_model(cfg.model, seed=0), torch.device("cpu"))
+    engine.load(resume.find_resume_point(cfg, tmp_path).path)
+    groups = engine.updater.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(g["betas"] == (0.5, 0.6) and g["eps"] == 1e-6 for g in groups)
+
+
+def test_a_finished_run_without_checkpoints_is_never_overwritten(tmp_path):
+    run(fast_config(tmp_path, "train.max_steps=2"))  # checkpoint_every=0: results, no checkpoint
+    saved = (tmp_path / "metrics.jsonl").read_text()
+    for policy in ("auto", "never"):
+        with pytest.raises(RunDirError, match="results of a finished run"):
+            run(fast_config(tmp_path, "train.max_steps=2", f"train.resume={policy}"))
+    assert (tmp_path / "metrics.jsonl").read_text() == saved
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    killed = _run_killable(tmp_path, 2, "train.max_steps=4", "train.checkpoint_every=3")
+    assert killed.returncode == -9
+    summary = run(fast_config(tmp_path, "train.max_steps=4", "train.checkpoint_every=3"))
+    assert summary.resumed_from_step == 0 and [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_when_the_training_data_changed(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row {i} " * 5}) + "\n" for i in range(40)))
+    out = tmp_path / "run"
+    run(fast_config(out, f"data.path={data}", "train.max_steps=2", "train.checkpoint_every=2"))
+    with data.open("a") as f:
+        f.write(json.dumps({"text": "one more row"}) + "\n")
+    with pytest.raises(CheckpointError, match="the training data changed"):
+        run(fast_config(out, f"data.path={data}", "train.max_steps=4", "train.checkpoint_every=2"))
+
+
+@pytest.mark.cuda
+def test_cuda_trains_like_cpu(tmp_path):
+    cpu = run(fast_config(tmp_path / "cpu", "train.device=cpu", "train.max_steps=3"))
+    gpu = run(fast_config(tmp_path / "gpu", "train.device=cuda", "train.max_steps=3"))
+    assert gpu.peak_device_bytes and gpu.final_loss == pytest.approx(cpu.final_loss, rel=1e-3)
 
 
 def test_exact_match_reports_answers(tmp_path):

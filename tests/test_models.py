@@ -60,3 +60,11 @@ def test_a_tuning_method_cannot_be_registered_twice():
     assert set(METHODS) == {"full", "lora"}
     with pytest.raises(ValueError, match="registered twice"):
         register(FullTuning())
+
+
+def test_damaged_weights_in_a_model_directory_are_a_clear_error(tmp_path):
+    build_model(ModelConfig(preset="tiny-llama"), seed=0).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelError, match="cannot load the model weights.*is the directory complete"):
+        build_model(ModelConfig(path=str(tmp_path)), seed=0)

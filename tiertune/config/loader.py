@@ -7,8 +7,11 @@ collected and raised together as one :class:`ConfigError`, each naming its dotte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import json
+import math
 import sys
 import types
 import typing
@@ -39,9 +42,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     merged = _deep_merge(raw, override_tree)
     cfg, build_problems = build_dataclass(JobConfig, merged)
     problems += build_problems
-    if not build_problems:  # cross-key and file checks only make sense on well-typed values
-        _apply_derived_defaults(cfg)
-        problems += cfg.cross_problems() + _environment_problems(cfg)
+    _apply_derived_defaults(cfg)
+    # Cross-key and file checks run on what did build; a check that mentions a key that did not build
+    # would be judging that key's default instead of what the user wrote, so it is left out.
+    broken = {p.split(":", 1)[0].removeprefix("unknown key ").strip("'") for p in build_problems}
+    problems += [
+        p for p in cfg.cross_problems() + _environment_problems(cfg) if not any(k in p for k in broken)
+    ]
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -51,7 +58,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist; check the path"], None)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"cannot read the config file: {e}"], str(path)) from None
     try:
         if path.suffix.lower() == ".toml":
             data = tomllib.loads(text)
@@ -103,6 +113,8 @@ class _RawOverride(str):
 
 def build_dataclass(cls: type, data: Any, prefix: str = "") -> tuple[Any, list[str]]:
     """Build ``cls`` from a nested mapping, coercing each value to its field's type."""
+    if data is None:  # a section whose keys are all commented out
+        data = {}
     if not isinstance(data, dict):
         return cls(), [f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}"]
     hints = get_type_hints(cls)
@@ -153,6 +165,11 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
         return _coerce(value, inner)
     if origin is Literal:
         choices = list(args)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/no/on/yes as a boolean
+            words = _TRUE_WORDS if value else _FALSE_WORDS
+            value = next((c for c in choices if str(c).lower() in words), value)
+        elif raw:
+            value = value.strip()
         if value in choices:
             return choices[choices.index(value)], None  # the schema's own object, not the raw string
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -160,9 +177,15 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
         return None, f"is not allowed; choose one of: {', '.join(map(str, choices))}{hint}"
     if origin is list:
         if raw:
-            parsed = yaml.safe_load(value) if value.strip().startswith("[") else None
-            value = parsed if isinstance(parsed, list) else [v.strip() for v in value.split(",") if v.strip()]
-            value = [_RawOverride(str(v)) for v in value]
+            if value.strip().startswith("["):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    return None, f"expected a list of {args[0].__name__} such as [a, b] or a,b"
+            else:
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list):
+                value = [_RawOverride(str(v)) for v in value]
         if not isinstance(value, list):
             return None, f"expected a list of {args[0].__name__}"
         out = []
@@ -188,14 +211,15 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
                 pass
         return None, "expected an integer"
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value), None
-        if isinstance(value, str):  # also YAML's '3e-4', which YAML 1.1 reads as a string
-            try:
-                return float(value.strip()), None
-            except ValueError:
-                pass
-        return None, "expected a number"
+            number = float(value)
+        elif isinstance(value, str):  # also YAML's '3e-4', which YAML 1.1 reads as a string
+            with contextlib.suppress(ValueError):
+                number = float(value.strip())
+        if number is None or not math.isfinite(number):
+            return None, "expected a finite number"
+        return number, None
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value), None
@@ -208,16 +232,17 @@ def _show(value: Any) -> str:
 
 
 def _unknown_key_message(key: str, dotted: str, siblings: list[str]) -> str:
-    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
-    if not close:  # the key may exist in another section: 'lr' at the top level -> 'optim.lr'
-        everywhere = [k for k, _, _ in iter_keys()]
-        same_leaf = [k for k in everywhere if k.rsplit(".", 1)[-1] == key]
-        close = same_leaf or difflib.get_close_matches(dotted, everywhere, n=1, cutoff=0.75)
-        if close:
-            return f"unknown key {dotted!r} (did you mean {close[0]!r}?)"
-    else:
+    everywhere = [k for k, _, _ in iter_keys()]
+    # The exact name in another section first ('train.lr' -> 'optim.lr'): a fuzzy sibling match
+    # ('train.warmup_steps' -> 'train.max_steps') would send the user to a different setting.
+    homes = [k for k in everywhere if k.rsplit(".", 1)[-1] == key]
+    if not homes:
         parent = dotted[: -len(key)]
-        return f"unknown key {dotted!r} (did you mean {parent + close[0]!r}?)"
+        homes = [parent + c for c in difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)]
+    if not homes:
+        homes = difflib.get_close_matches(dotted, everywhere, n=1, cutoff=0.75)
+    if homes:
+        return f"unknown key {dotted!r} (did you mean {' or '.join(repr(h) for h in homes)}?)"
     return f"unknown key {dotted!r}; allowed here: {', '.join(siblings)}"
 
 
@@ -243,8 +268,10 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def _apply_derived_defaults(cfg: JobConfig) -> None:
+    """Defaults that depend on other keys; the resolved config shows the values they took."""
     if cfg.model.preset is None and cfg.model.path is None:
         cfg.model.preset = "tiny-llama"
+    cfg.optim.warmup_steps = cfg.optim.warmup_for(cfg.train.max_steps)
 
 
 def _environment_problems(cfg: JobConfig) -> list[str]:
@@ -270,6 +297,12 @@ def _environment_problems(cfg: JobConfig) -> list[str]:
             problems.append(
                 f"model.path: {cfg.model.path!r} has no config.json; is it a HuggingFace model directory?"
             )
+    positions = _model_positions(cfg)
+    if positions is not None and cfg.data.seq_len > positions:
+        problems.append(
+            f"data.seq_len: {cfg.data.seq_len} is longer than the model's {positions} positions; "
+            f"lower it to at most {positions}"
+        )
     if cfg.data.path.startswith(BUILTIN_PREFIX):
         name = cfg.data.path[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_DATASETS:
@@ -283,6 +316,22 @@ def _environment_problems(cfg: JobConfig) -> list[str]:
             "the current directory)"
         )
     return problems
+
+
+def _model_positions(cfg: JobConfig) -> int | None:
+    """The longest sequence the model's position embeddings cover, read without building the model."""
+    from tiertune.launch.presets import PRESETS
+
+    if cfg.model.preset in PRESETS:
+        hf = PRESETS[cfg.model.preset].config
+    elif cfg.model.path is not None:
+        try:
+            hf = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        except (OSError, ValueError):
+            return None  # reported by the model.path check, or by loading
+    else:
+        return None
+    return hf.get("max_position_embeddings") or hf.get("n_positions")
 
 
 def config_to_dict(cfg: JobConfig) -> dict[str, Any]:

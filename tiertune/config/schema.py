@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 Check = Callable[[Any], "str | None"]
 
+WARMUP_SHARE = 0.05  # default warmup as a share of train.max_steps: long enough to tame Adam's first steps
+
 
 def _positive(v: Any) -> str | None:
     return None if v > 0 else "must be > 0"
@@ -31,6 +33,10 @@ def _betas(v: list[float]) -> str | None:
     if len(v) != 2 or not all(0.0 <= b < 1.0 for b in v):
         return "must be two numbers in [0, 1), e.g. [0.9, 0.95]"
     return None
+
+
+def _seed_range(v: int) -> str | None:
+    return None if 0 <= v < 2**32 else "must be between 0 and 2**32 - 1"
 
 
 def _non_empty(v: Any) -> str | None:
@@ -98,7 +104,7 @@ class TrainConfig:
     grad_accum_steps: int = opt(
         1, "micro-batches per optimizer step; the loss is the token mean over all of them", _positive
     )
-    seed: int = opt(0, "seeds model init, data split and order, dropout")
+    seed: int = opt(0, "seeds model init, data split and order, dropout", _seed_range)
     dtype: Literal["fp32", "bf16"] = opt(
         "fp32", "compute dtype; bf16 keeps fp32 master weights and runs matmuls in bf16"
     )
@@ -140,8 +146,16 @@ class OptimConfig:
     schedule: Literal["cosine", "linear", "constant"] = opt(
         "cosine", "decay after warmup, down to lr * min_lr_ratio at max_steps"
     )
-    warmup_steps: int = opt(20, "steps of linear warmup from 0 to lr", _non_negative)
+    warmup_steps: int | None = opt(
+        None,
+        f"steps of linear warmup from 0 to lr; default {WARMUP_SHARE:.0%} of train.max_steps",
+        _non_negative,
+    )
     min_lr_ratio: float = opt(0.1, "final lr as a share of lr", _between(0.0, 1.0))
+
+    def warmup_for(self, max_steps: int) -> int:
+        """``warmup_steps``, or its default for a run of ``max_steps``."""
+        return self.warmup_steps if self.warmup_steps is not None else round(WARMUP_SHARE * max_steps)
 
 
 @dataclass
@@ -158,7 +172,7 @@ class JobConfig:
         problems = []
         if self.model.preset is not None and self.model.path is not None:
             problems.append("model.preset and model.path are both set; set exactly one")
-        if self.optim.warmup_steps > self.train.max_steps:
+        if self.optim.warmup_steps is not None and self.optim.warmup_steps > self.train.max_steps:
             problems.append(
                 f"optim.warmup_steps: {self.optim.warmup_steps} is more than train.max_steps "
                 f"({self.train.max_steps}); lower it, e.g. optim.warmup_steps={self.train.max_steps // 10}"

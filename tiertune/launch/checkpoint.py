@@ -89,16 +89,19 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], kee
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_path(root)
-    except OSError as e:
+    except Exception as e:  # torch and safetensors report a full disk as their own errors
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(run_dir)
         kept = f"; the last complete checkpoint ({previous[-1].path}) is intact" if previous else ""
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(
-                f"no space left on the device writing checkpoint step {step} under {root}: "
-                f"free space or lower train.keep_checkpoints{kept}"
-            ) from None
-        raise CheckpointError(f"cannot write checkpoint step {step} under {root}: {e}{kept}") from None
+        free = shutil.disk_usage(root).free if root.exists() else 0
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            reason = "no space left on the device"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        raise CheckpointError(
+            f"cannot write checkpoint step {step} under {root} ({reason}; {free / 2**20:.0f} MiB free there): "
+            f"free space or lower train.keep_checkpoints{kept}"
+        ) from None
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return Checkpoint(final, step)

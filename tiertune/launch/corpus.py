@@ -31,6 +31,8 @@ def read_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
         raise DataError(
             f"dataset {str(path)!r} is not UTF-8 text (byte {e.start}); convert it first"
         ) from None
+    except OSError as e:
+        raise DataError(f"cannot read dataset {str(path)!r}: {e.strerror}") from None
     examples = _parse_jsonl(text, path) if fmt == "jsonl" else _parse_text(text)
     if not examples:
         raise DataError(f"dataset {str(path)!r} has no usable examples")

@@ -12,6 +12,7 @@ data position a checkpoint stores.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,14 @@ class Splits:
     train: PackedRows
     eval: PackedRows
     eval_examples: list[Example]  # the held-out examples, for answer checks
+
+    def fingerprint(self) -> str:
+        """sha256 of every packed token and label: a resumed job must see exactly the same rows."""
+        digest = hashlib.sha256()
+        for t in (self.train.input_ids, self.train.labels, self.eval.input_ids, self.eval.labels):
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 def load_examples(cfg: DataConfig) -> list[Example]:

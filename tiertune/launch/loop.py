@@ -16,42 +16,29 @@ from typing import Any
 
 import torch
 
-from tiertune.config import JobConfig, config_to_dict
-from tiertune.errors import CheckpointError, ConfigError, RunDirError
-from tiertune.launch import checkpoint as ckpt
+from tiertune.config import JobConfig
+from tiertune.errors import ConfigError, RunDirError
+from tiertune.launch import resume
+from tiertune.launch.checkpoint import Checkpoint
 from tiertune.launch.data import BatchStream, Splits, build_splits, count_targets, eval_batches
 from tiertune.launch.engine import TrainEngine, build_engine
 from tiertune.launch.evaluate import exact_match
-from tiertune.launch.models import build_model, check_vocab, count_parameters, describe, load_tokenizer
+from tiertune.launch.models import (
+    build_model,
+    check_vocab,
+    count_parameters,
+    describe,
+    load_tokenizer,
+    weights_fingerprint,
+)
 from tiertune.launch.progress import Progress, say, write_loss_svg
+from tiertune.launch.resume import LoopState
 from tiertune.launch.rundir import MetricsLog, RunDir, default_output_dir, write_atomic
 from tiertune.memory import device_peak_bytes, format_bytes, peak_rss_bytes, rss_bytes
-from tiertune.optim import lr_at
+from tiertune.optim import StepReport, lr_at
 from tiertune.tuning import get_method
 
-STATE_FILE = "loop_state.json"
-RNG_FILE = "rng.pt"
-
-# Keys that shape the trajectory: a checkpoint only resumes a job that agrees on all of them.
-_TRAJECTORY_KEYS = (
-    "model",
-    "data",
-    "tuning",
-    "train.micro_batch_size",
-    "train.grad_accum_steps",
-    "train.seed",
-    "train.dtype",
-)
-
 StepCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class LoopState:
-    step: int = 0  # optimizer steps done
-    data_position: int = 0  # training rows consumed
-    tokens_seen: int = 0  # input tokens processed (padding included)
-    skipped_steps: int = 0  # steps whose gradient was not finite
 
 
 @dataclass
@@ -71,16 +58,13 @@ class Summary:
     trainable_params: int
     total_params: int
     final_checkpoint: str | None
-    export_dir: str | None
+    export_dir: str
 
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            [
-                "train.device: 'cuda' was asked for but no CUDA device is available; "
-                "use train.device=auto or cpu"
-            ]
+            ["train.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu"]
         )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +80,11 @@ def run(cfg: JobConfig, callbacks: Sequence[StepCallback] = ()) -> Summary:
     run_dir = RunDir(out)
     try:
         return _run(cfg, run_dir, device, callbacks, started)
+    except OSError as e:  # the output filesystem: full, read-only, or gone
+        raise RunDirError(
+            f"cannot write in output_dir {str(out)!r}: {e}. Checkpoints already written are "
+            "intact: make room or fix the directory, then rerun to resume"
+        ) from None
     finally:
         run_dir.close()
 
@@ -105,18 +94,19 @@ def _run(
 ) -> Summary:
     out = run_dir.path
     say(f"output directory: {out}")
-    resume_from = _checkpoint_to_resume(cfg, out)
+    resume_from = resume.find_resume_point(cfg, out)
     run_dir.write_config(cfg)
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model)
     model = build_model(cfg.model, seed=cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
     check_vocab(model, tokenizer)
     method = get_method(cfg.tuning.method)
     model = method.apply(model, cfg.tuning)
     engine = build_engine(cfg, model, device)
     splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
+    fingerprints = {"training data": splits.fingerprint(), **weights_fingerprint(cfg.model)}
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     say(
         f"model {describe(cfg.model)}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
@@ -125,33 +115,34 @@ def _run(
     )
 
     state = LoopState()
+    last_ckpt: Checkpoint | None = resume_from
     if resume_from is not None:
-        state = _load_checkpoint(resume_from, engine)
+        state = resume.restore(resume_from, engine, fingerprints)
         say(f"resumed from {resume_from.path} (step {state.step})")
     resumed_step = state.step
     stream = BatchStream(splits.train, cfg.train.micro_batch_size, cfg.train.seed, state.data_position)
     metrics = MetricsLog(out / "metrics.jsonl", resumed_step)
     progress = Progress(cfg.train.progress, cfg.train.max_steps, state.step, cfg.train.log_every)
-    last_ckpt: ckpt.Checkpoint | None = resume_from
     eval_loss = None
     try:
         for step in range(state.step + 1, cfg.train.max_steps + 1):
             row = _train_step(cfg, engine, stream, step, state)
             last = step == cfg.train.max_steps
             if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                eval_loss = row["eval_loss"] = evaluate(engine, splits, cfg)
+                eval_loss = evaluate(engine, splits, cfg)
+                if eval_loss is not None:
+                    row["eval_loss"] = eval_loss
             metrics.write(row)
             progress.update(row)
             if cfg.train.checkpoint_every and (last or step % cfg.train.checkpoint_every == 0):
-                last_ckpt = _save_checkpoint(cfg, out, engine, state)
+                last_ckpt = resume.save(cfg, out, engine, state, fingerprints)
             for callback in callbacks:
                 callback(row)
     finally:
         progress.close()
         metrics.close()
 
-    rows = metrics.rows()
-    if eval_loss is None and len(splits.eval):  # nothing left to train: report the checkpoint's eval loss
+    if resumed_step == cfg.train.max_steps:  # nothing left to train: report the checkpoint's eval loss
         eval_loss = evaluate(engine, splits, cfg)
     em = (
         exact_match(engine.model, tokenizer, splits.eval_examples, cfg.train.eval_exact_match_samples, device)
@@ -159,7 +150,13 @@ def _run(
         else None
     )
     export_dir = out / "final"
-    method.export(engine.model, tokenizer, export_dir)
+    try:
+        method.export(engine.model, tokenizer, export_dir)
+    except Exception as e:  # safetensors reports a full disk as its own error type
+        kept = f"; checkpoint {last_ckpt.path} holds the trained weights" if last_ckpt else ""
+        raise RunDirError(f"cannot export the result to {export_dir}: {e}{kept}") from None
+    rows = metrics.rows()
+    losses = [r["loss"] for r in rows if r.get("loss") is not None]
     write_loss_svg(rows, out / "loss.svg", f"{describe(cfg.model)} / {cfg.tuning.method}")
     summary = Summary(
         output_dir=str(out),
@@ -167,8 +164,8 @@ def _run(
         resumed_from_step=resumed_step,
         tokens_seen=state.tokens_seen,
         wall_time_s=round(time.perf_counter() - started, 3),
-        first_loss=rows[0]["loss"] if rows else None,
-        final_loss=rows[-1]["loss"] if rows else None,
+        first_loss=losses[0] if losses else None,
+        final_loss=losses[-1] if losses else None,
         eval_loss=eval_loss,
         exact_match=em,
         peak_rss_bytes=peak_rss_bytes(),
@@ -191,9 +188,12 @@ def _train_step(
     # The step's loss is the mean over every target token of all its micro-batches; each micro-batch
     # contributes sum/targets, so accumulation equals one big batch (up to float summation order).
     targets = sum(count_targets(b["labels"]) for b in batches)
-    loss_sum = sum(engine.forward_backward(b, max(targets, 1)) for b in batches)
     lr = lr_at(step, cfg.optim, cfg.train.max_steps)
-    report = engine.step(lr)
+    if targets:
+        loss: float | None = sum(engine.forward_backward(b, targets) for b in batches) / targets
+        report = engine.step(lr)
+    else:  # only prompt tokens in these rows: an update would apply momentum and decay with no gradient
+        loss, report = None, StepReport(grad_norm=float("nan"), skipped=True)
     elapsed = time.perf_counter() - t0
     tokens = sum(b["input_ids"].numel() for b in batches)
     state.step, state.data_position = step, stream.position
@@ -201,7 +201,7 @@ def _train_step(
     state.skipped_steps += report.skipped
     row: dict[str, Any] = {
         "step": step,
-        "loss": loss_sum / targets if targets else float("nan"),
+        "loss": loss,
         "lr": lr,
         "grad_norm": report.grad_norm,
         "target_tokens": targets,
@@ -212,7 +212,8 @@ def _train_step(
     }
     if report.skipped:
         row["skipped"] = True
-        say(f"step {step}: gradient norm is {report.grad_norm}; the update was skipped")
+        why = f"gradient norm is {report.grad_norm}" if targets else "no token in its batch carries loss"
+        say(f"step {step}: {why}; the update was skipped")
     peak_device = device_peak_bytes(engine.device)
     if peak_device is not None:
         row["peak_device_bytes"] = peak_device
@@ -220,7 +221,7 @@ def _train_step(
 
 
 def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> float | None:
-    """Token-mean loss over the eval split (``train.eval_max_batches`` batches at most)."""
+    """Token-mean loss over the eval split (``train.eval_max_batches`` batches at most); None if empty."""
     batches = eval_batches(splits.eval, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
     targets = sum(count_targets(b["labels"]) for b in batches)
     if not targets:
@@ -228,76 +229,9 @@ def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> float | Non
     return sum(engine.eval_loss_sum(b) for b in batches) / targets
 
 
-def _checkpoint_to_resume(cfg: JobConfig, out: Path) -> ckpt.Checkpoint | None:
-    for leftover in ckpt.remove_partial(out):
-        say(f"removed {leftover.name}, an interrupted checkpoint save")
-    found = ckpt.list_checkpoints(out)
-    if not found:
-        return None
-    if cfg.train.resume == "never":
-        raise RunDirError(
-            f"output_dir {str(out)!r} already holds checkpoints (latest step {found[-1].step}); "
-            "use train.resume=auto to continue that run, or choose another output_dir"
-        )
-    latest = found[-1]
-    ckpt.verify_checkpoint(latest.path)
-    saved = json.loads((latest.path / STATE_FILE).read_text())["config"]
-    _check_same_trajectory(saved, config_to_dict(cfg), latest.path)
-    return latest
-
-
-def _check_same_trajectory(saved: dict, now: dict, where: Path) -> None:
-    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    before, after = flat(saved), flat(now)
-    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-    fixed = [k for k in changed if any(k == t or k.startswith(t + ".") for t in _TRAJECTORY_KEYS)]
-    if fixed:
-        diffs = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in fixed)
-        raise CheckpointError(
-            f"checkpoint {where} belongs to a different job ({diffs}); use the same "
-            "settings to resume, or choose another output_dir"
-        )
-    for key in changed:
-        if key != "output_dir":
-            say(f"note: {key} changed since the checkpoint ({before.get(key)!r} -> {after.get(key)!r})")
-
-
-def _save_checkpoint(cfg: JobConfig, out: Path, engine: TrainEngine, state: LoopState) -> ckpt.Checkpoint:
-    def write(directory: Path) -> None:
-        engine.save(directory)
-        payload = {**asdict(state), "config": config_to_dict(cfg)}
-        (directory / STATE_FILE).write_text(json.dumps(payload, indent=1))
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, directory / RNG_FILE)
-
-    return ckpt.save_checkpoint(out, state.step, write, cfg.train.keep_checkpoints)
-
-
-def _load_checkpoint(found: ckpt.Checkpoint, engine: TrainEngine) -> LoopState:
-    engine.load(found.path)
-    payload = json.loads((found.path / STATE_FILE).read_text())
-    state = LoopState(**{k: payload[k] for k in asdict(LoopState())})
-    rng = torch.load(found.path / RNG_FILE, weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return state
-
-
 def format_summary(s: Summary) -> str:
-    lines = [
-        f"done: {s.steps} steps in {s.wall_time_s:.1f}s ({s.tokens_seen:,} tokens"
-        + (f", resumed at step {s.resumed_from_step}" if s.resumed_from_step else "")
-        + ")"
-    ]
+    resumed = f", resumed at step {s.resumed_from_step}" if s.resumed_from_step else ""
+    lines = [f"done: {s.steps} steps in {s.wall_time_s:.1f}s ({s.tokens_seen:,} tokens{resumed})"]
     if s.first_loss is not None:
         lines.append(f"  train loss {s.first_loss:.4f} (first step) -> {s.final_loss:.4f} (last step)")
     if s.eval_loss is not None:
@@ -307,13 +241,9 @@ def format_summary(s: Summary) -> str:
             f"  exact-match answers {s.exact_match['correct']}/{s.exact_match['total']} held-out prompts"
         )
     if s.skipped_steps:
-        lines.append(f"  {s.skipped_steps} step(s) skipped for non-finite gradients")
-    lines.append(
-        f"  peak RSS {format_bytes(s.peak_rss_bytes)}"
-        + (f", peak device {format_bytes(s.peak_device_bytes)}" if s.peak_device_bytes else "")
-    )
-    lines.append(
-        f"  outputs in {s.output_dir}: metrics.jsonl, loss.svg, summary.json, final/"
-        + (f", {Path(s.final_checkpoint).relative_to(s.output_dir)}" if s.final_checkpoint else "")
-    )
+        lines.append(f"  {s.skipped_steps} step(s) skipped (non-finite gradient or no target token)")
+    device = f", peak device {format_bytes(s.peak_device_bytes)}" if s.peak_device_bytes else ""
+    lines.append(f"  peak RSS {format_bytes(s.peak_rss_bytes)}{device}")
+    ckpt_name = f", {Path(s.final_checkpoint).relative_to(s.output_dir)}" if s.final_checkpoint else ""
+    lines.append(f"  outputs in {s.output_dir}: metrics.jsonl, loss.svg, summary.json, final/{ckpt_name}")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ planning a 70B job, or streaming its weights into memory tiers later, never hold
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -48,8 +49,11 @@ def build_model(cfg: ModelConfig, *, seed: int, device: torch.device | str = "cp
     if cfg.path is not None:
         try:
             model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load the model weights in {cfg.path!r}: {e}") from None
+        except Exception as e:  # damaged files surface as many library-specific errors
+            raise ModelError(
+                f"cannot load the model weights in {cfg.path!r} ({type(e).__name__}: {e}); "
+                "is the directory complete?"
+            ) from None
         return model.to(device)
     # Init draws from a private RNG stream, so the weights are a function of the seed alone and the
     # global RNG (data order, dropout) is the same whatever the model's size.
@@ -89,6 +93,21 @@ def check_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def weights_fingerprint(cfg: ModelConfig) -> dict[str, str]:
+    """A cheap identity of a model directory's weights (config.json's hash, weight file names and sizes).
+
+    Presets have none: their weights are a function of the seed, which the config already pins.
+    """
+    if cfg.path is None:
+        return {}
+    root = Path(cfg.path)
+    digest = hashlib.sha256((root / "config.json").read_bytes())
+    for f in sorted(root.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt"):
+            digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return {"base model weights": digest.hexdigest()}
 
 
 def describe(cfg: ModelConfig) -> str:

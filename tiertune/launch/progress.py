@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -43,7 +42,7 @@ class Progress:
 
     def update(self, row: dict[str, Any]) -> None:
         fields = {
-            "loss": f"{row['loss']:.4f}",
+            "loss": "n/a" if row["loss"] is None else f"{row['loss']:.4f}",
             "lr": f"{row['lr']:.2e}",
             "tok/s": f"{row['tokens_per_s']:.0f}",
             "rss": format_bytes(row["rss_bytes"]),
@@ -65,8 +64,8 @@ class Progress:
 
 def write_loss_svg(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Training loss (and eval loss where measured) against the step, as a dependency-free SVG."""
-    train = [(r["step"], r["loss"]) for r in rows if math.isfinite(r.get("loss", math.nan))]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
     if not train:
         return
     w, h, pad = 640, 360, 48

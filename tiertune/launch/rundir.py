@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -106,7 +107,9 @@ class MetricsLog:
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held until close)
 
     def write(self, row: dict[str, Any]) -> None:
-        self._file.write(json.dumps(row) + "\n")
+        # JSON has no NaN or infinity: a non-finite reading is written as null (strict parsers choke on NaN).
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
 
     def rows(self) -> list[dict[str, Any]]:

@@ -13,12 +13,13 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     Linear warmup from lr/warmup to lr over ``warmup_steps``, then ``schedule`` down to
     ``lr * min_lr_ratio`` at ``max_steps``.
     """
-    if step <= cfg.warmup_steps:
-        return cfg.lr * step / cfg.warmup_steps
+    warmup = cfg.warmup_for(max_steps)
+    if step <= warmup:
+        return cfg.lr * step / warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    decay_steps = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    decay_steps = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
     floor = cfg.lr * cfg.min_lr_ratio
     if cfg.schedule == "linear":
         return cfg.lr - (cfg.lr - floor) * progress

@@ -43,8 +43,10 @@ class TorchAdamWUpdater:
         device = self.params[0].device
         # fused AdamW is one kernel per dtype group; torch has it on CPU and CUDA for float params.
         fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in self.params)
+        groups = param_groups(named_params, cfg.weight_decay)
+        self._group_decay = [g["weight_decay"] for g in groups]
         self.optimizer = torch.optim.AdamW(
-            param_groups(named_params, cfg.weight_decay),
+            groups,
             lr=cfg.lr,
             betas=tuple(cfg.betas),
             eps=cfg.eps,
@@ -80,3 +82,6 @@ class TorchAdamWUpdater:
                 f"the optimizer state in {directory} does not fit this job's "
                 f"parameters ({e}); was it written by a different job?"
             ) from None
+        # load_state_dict also restores the saved hyperparameters; the job's config says what they are now.
+        for group, decay in zip(self.optimizer.param_groups, self._group_decay):
+            group.update(weight_decay=decay, betas=tuple(self.cfg.betas), eps=self.cfg.eps)

@@ -14,7 +14,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tiertune.config import TuningConfig
 from tiertune.errors import ConfigError
-from tiertune.tuning.registry import register
+from tiertune.tuning.registry import register, save_pretrained_with_tokenizer
 
 
 class LoraTuning:
@@ -37,8 +37,7 @@ class LoraTuning:
             ) from None
 
     def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_pretrained_with_tokenizer(model, tokenizer, directory)
 
 
 register(LoraTuning())

@@ -44,6 +44,14 @@ def get_method(name: str) -> TuningMethod:
     return METHODS[name]
 
 
+def save_pretrained_with_tokenizer(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path
+) -> None:
+    """The model's own ``save_pretrained`` (a full HF model, or peft's adapter for a peft model) + tokenizer."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
 class FullTuning:
     """Every weight trains; the export is a complete HF model directory."""
 
@@ -54,8 +62,7 @@ class FullTuning:
         return model
 
     def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
-        model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+        save_pretrained_with_tokenizer(model, tokenizer, directory)
 
 
 register(FullTuning())
