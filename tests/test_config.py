@@ -262,3 +262,17 @@ def test_every_key_has_help_and_schema_matches_the_method_registry():
 def test_a_sequence_longer_than_the_model_positions_is_refused():
     (problem,) = problems_of(None, ["model.preset=tiny-gpt2", "data.seq_len=2048"])
     assert problem == "data.seq_len: 2048 is longer than the model's 1024 positions; lower it to at most 1024"
+
+
+def test_budgets_take_a_number_or_auto():
+    cfg = load_config(None, ["memory.host_budget_gib=8", "memory.cxl_nodes=2,3"])
+    assert cfg.memory.host_budget_gib == 8.0 and cfg.memory.cxl_nodes == [2, 3]
+    assert cfg.memory.device_budget_gib == "auto"
+    problems = problems_of(
+        None, ["memory.host_budget_gib=lots", "memory.cxl_budget_gib=-1", "memory.cxl_nodes=x"]
+    )
+    assert problems == [
+        "memory.host_budget_gib: expected a finite number or 'auto', got 'lots'",
+        "memory.cxl_budget_gib: -1.0 must be >= 0 GiB, or auto",
+        "memory.cxl_nodes: expected a list of int or 'auto', got 'x'",
+    ]

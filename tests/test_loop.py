@@ -167,13 +167,13 @@ def test_a_non_finite_gradient_skips_that_step_and_training_goes_on(tmp_path, mo
     build_engine = loop.build_engine
     backwards = {"n": 0}
 
-    def poison_third_backward(cfg, model, device):
+    def poison_third_backward(cfg, model, *args):
         def hook(grad):
             backwards["n"] += 1
             return grad * float("inf") if backwards["n"] == 3 else grad
 
         next(p for p in model.parameters() if p.requires_grad).register_hook(hook)
-        return build_engine(cfg, model, device)
+        return build_engine(cfg, model, *args)
 
     monkeypatch.setattr(loop, "build_engine", poison_third_backward)
     summary = run(

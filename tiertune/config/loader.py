@@ -159,10 +159,17 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
     raw = isinstance(value, _RawOverride)
     origin, args = get_origin(tp), get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (raw and value.strip().lower() in _NULL_WORDS):
+        members = [a for a in args if a is not type(None)]
+        if len(members) < len(args) and (value is None or (raw and value.strip().lower() in _NULL_WORDS)):
             return None, None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner)
+        # Fixed words first, so that 'auto' in `float | Literal["auto"]` is the word and not a bad number.
+        for member in sorted(members, key=lambda m: get_origin(m) is not Literal):
+            coerced, problem = _coerce(value, member)
+            if problem is None:
+                return coerced, None
+        if len(members) == 1:
+            return None, problem
+        return None, "expected " + " or ".join(_describe(m) for m in members)
     if origin is Literal:
         choices = list(args)
         if isinstance(value, bool):  # YAML 1.1 reads a bare off/no/on/yes as a boolean
@@ -225,6 +232,15 @@ def _coerce(value: Any, tp: Any) -> tuple[Any, str | None]:
             return str(value), None
         return None, "expected a string"
     raise TypeError(f"config schema uses an unsupported type {tp!r}")  # a bug in the schema, not input
+
+
+def _describe(tp: Any) -> str:
+    """How a type reads in an error message: int -> 'an integer', Literal['auto'] -> "'auto'"."""
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(c) for c in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {get_args(tp)[0].__name__}"
+    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}[tp]
 
 
 def _show(value: Any) -> str:

@@ -39,6 +39,14 @@ def _seed_range(v: int) -> str | None:
     return None if 0 <= v < 2**32 else "must be between 0 and 2**32 - 1"
 
 
+def _budget(v: float | str) -> str | None:
+    return None if v == "auto" or v >= 0 else "must be >= 0 GiB, or auto"
+
+
+def _node_ids(v: list[int] | str) -> str | None:
+    return None if v == "auto" or all(n >= 0 for n in v) else "must be NUMA node ids (>= 0), or auto"
+
+
 def _non_empty(v: Any) -> str | None:
     return None if len(v) > 0 else "must not be empty"
 
@@ -159,12 +167,36 @@ class OptimConfig:
 
 
 @dataclass
+class MemoryConfig:
+    device_budget_gib: float | Literal["auto"] = opt(
+        "auto",
+        "bytes the job may hold on the accelerator; auto: its memory less a reserve (on a machine "
+        "without one, the device tier is host memory and shares the host budget)",
+        _budget,
+    )
+    host_budget_gib: float | Literal["auto"] = opt(
+        "auto",
+        "host DRAM the job may hold (local NUMA nodes); auto: available memory less a reserve",
+        _budget,
+    )
+    cxl_budget_gib: float | Literal["auto"] = opt(
+        "auto",
+        "memory the job may hold on CXL (CPU-less NUMA) nodes; auto: what those nodes have free",
+        _budget,
+    )
+    cxl_nodes: list[int] | Literal["auto"] = opt(
+        "auto", "NUMA node ids to use as the CXL tier; auto: every CPU-less node with memory", _node_ids
+    )
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tuning: TuningConfig = field(default_factory=TuningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     output_dir: str | None = opt(None, "where checkpoints and metrics go; default a new runs/<time>-<model>")
 
     def cross_problems(self) -> list[str]:

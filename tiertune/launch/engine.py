@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tiertune.config import JobConfig
-from tiertune.errors import CheckpointError
+from tiertune.errors import CheckpointError, ConfigError
 from tiertune.launch.data import IGNORE_INDEX
+from tiertune.memory import Budgets, Kind, Ledger, Tier
 from tiertune.optim import StepReport, TorchAdamWUpdater
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -28,6 +29,7 @@ TRAINABLE_FILE = "trainable.safetensors"
 class Updater(Protocol):
     def step(self, lr: float) -> StepReport: ...
     def zero_grad(self) -> None: ...
+    def state_bytes(self) -> int: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
 
@@ -48,9 +50,25 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 class TrainEngine:
-    def __init__(self, model: nn.Module, updater: Updater, device: torch.device, dtype: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        updater: Updater,
+        device: torch.device,
+        dtype: str,
+        ledger: Ledger | None = None,
+    ) -> None:
         self.model, self.updater, self.device = model, updater, device
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        self.ledger = ledger or Ledger()
+        self._account()
+
+    def _account(self) -> None:
+        """Report what this engine holds: everything is resident on the device tier."""
+        params = list(self.model.parameters())
+        self.ledger.set(Tier.DEVICE, Kind.PARAMS, sum(p.nbytes for p in params))
+        self.ledger.set(Tier.DEVICE, Kind.GRADS, sum(p.grad.nbytes for p in params if p.grad is not None))
+        self.ledger.set(Tier.DEVICE, Kind.OPTIMIZER, self.updater.state_bytes())
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -69,10 +87,13 @@ class TrainEngine:
         self.model.train()
         loss_sum = self._loss_sum(batch)
         (loss_sum / step_targets).backward()
+        self._account()
         return float(loss_sum.detach())
 
     def step(self, lr: float) -> StepReport:
-        return self.updater.step(lr)
+        report = self.updater.step(lr)
+        self._account()
+        return report
 
     @torch.no_grad()
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
@@ -108,8 +129,30 @@ class TrainEngine:
         self.updater.load(directory)
 
 
-def build_engine(cfg: JobConfig, model: nn.Module, device: torch.device) -> TrainEngine:
+def resident_bytes(model: nn.Module) -> int:
+    """What training ``model`` resident needs, before activations: its weights, plus a gradient and two
+    fp32 AdamW moments per trainable parameter."""
+    weights = sum(p.nbytes for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return weights + sum(p.nbytes for p in trainable) + sum(2 * 4 * p.numel() for p in trainable)
+
+
+def build_engine(
+    cfg: JobConfig,
+    model: nn.Module,
+    device: torch.device,
+    budgets: Budgets | None = None,
+    ledger: Ledger | None = None,
+) -> TrainEngine:
     """Place the model and pick its updater: everything resident on ``device``, torch AdamW."""
+    if budgets is not None and resident_bytes(model) > budgets.device:
+        raise ConfigError(
+            [
+                f"memory.device_budget_gib: training this model resident needs {resident_bytes(model) / 2**30:.2f} GiB "
+                f"(weights, gradients, AdamW moments) but the device budget is {budgets.device / 2**30:.2f} GiB; "
+                "raise the budget, or train fewer weights (tuning.method=lora)"
+            ]
+        )
     model.to(device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return TrainEngine(model, TorchAdamWUpdater(named, cfg.optim), device, cfg.train.dtype)
+    return TrainEngine(model, TorchAdamWUpdater(named, cfg.optim), device, cfg.train.dtype, ledger)

@@ -34,7 +34,14 @@ from tiertune.launch.models import (
 from tiertune.launch.progress import Progress, say, write_loss_svg
 from tiertune.launch.resume import LoopState
 from tiertune.launch.rundir import MetricsLog, RunDir, default_output_dir, write_atomic
-from tiertune.memory import device_peak_bytes, format_bytes, peak_rss_bytes, rss_bytes
+from tiertune.memory import (
+    Budgets,
+    device_peak_bytes,
+    format_bytes,
+    peak_rss_bytes,
+    resolve_budgets,
+    rss_bytes,
+)
 from tiertune.optim import StepReport, lr_at
 from tiertune.tuning import get_method
 
@@ -59,6 +66,7 @@ class Summary:
     total_params: int
     final_checkpoint: str | None
     export_dir: str
+    memory: dict[str, Any]  # the ledger: bytes per tier and kind now, peak per tier, waste; and the budgets
 
 
 def pick_device(name: str) -> torch.device:
@@ -104,7 +112,8 @@ def _run(
     check_vocab(model, tokenizer)
     method = get_method(cfg.tuning.method)
     model = method.apply(model, cfg.tuning)
-    engine = build_engine(cfg, model, device)
+    budgets = resolve_budgets(cfg.memory, device)
+    engine = build_engine(cfg, model, device, budgets)
     splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
     fingerprints = {"training data": splits.fingerprint(), **weights_fingerprint(cfg.model)}
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
@@ -175,6 +184,7 @@ def _run(
         total_params=total,
         final_checkpoint=str(last_ckpt.path) if last_ckpt else None,
         export_dir=str(export_dir),
+        memory={**engine.ledger.snapshot(), "budget_bytes": _budget_dict(budgets)},
     )
     write_atomic(out / "summary.json", json.dumps(asdict(summary), indent=1) + "\n")
     return summary
@@ -196,6 +206,7 @@ def _train_step(
         loss, report = None, StepReport(grad_norm=float("nan"), skipped=True)
     elapsed = time.perf_counter() - t0
     tokens = sum(b["input_ids"].numel() for b in batches)
+    ledger = engine.ledger.snapshot()
     state.step, state.data_position = step, stream.position
     state.tokens_seen += tokens
     state.skipped_steps += report.skipped
@@ -209,6 +220,8 @@ def _train_step(
         "tokens_per_s": round(tokens / elapsed, 1),
         "rss_bytes": rss_bytes(),
         "peak_rss_bytes": peak_rss_bytes(),
+        "tier_bytes": ledger["bytes"],
+        "tier_peak_bytes": ledger["peak_bytes"],
     }
     if report.skipped:
         row["skipped"] = True
@@ -229,6 +242,13 @@ def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> float | Non
     return sum(engine.eval_loss_sum(b) for b in batches) / targets
 
 
+def _budget_dict(b: Budgets) -> dict[str, int]:
+    out = {"device": b.device, "host": b.host}
+    if b.cxl_nodes:
+        out["cxl"] = b.cxl
+    return out
+
+
 def format_summary(s: Summary) -> str:
     resumed = f", resumed at step {s.resumed_from_step}" if s.resumed_from_step else ""
     lines = [f"done: {s.steps} steps in {s.wall_time_s:.1f}s ({s.tokens_seen:,} tokens{resumed})"]
@@ -244,6 +264,11 @@ def format_summary(s: Summary) -> str:
         lines.append(f"  {s.skipped_steps} step(s) skipped (non-finite gradient or no target token)")
     device = f", peak device {format_bytes(s.peak_device_bytes)}" if s.peak_device_bytes else ""
     lines.append(f"  peak RSS {format_bytes(s.peak_rss_bytes)}{device}")
+    for tier, peak in s.memory["peak_bytes"].items():
+        held = ", ".join(f"{kind} {format_bytes(n)}" for kind, n in s.memory["bytes"].get(tier, {}).items())
+        budget = s.memory["budget_bytes"].get(tier)
+        of = f" of {format_bytes(budget)} budget" if budget is not None else ""
+        lines.append(f"  {tier} tier: peak {format_bytes(peak)}{of} (at the end: {held})")
     ckpt_name = f", {Path(s.final_checkpoint).relative_to(s.output_dir)}" if s.final_checkpoint else ""
     lines.append(f"  outputs in {s.output_dir}: metrics.jsonl, loss.svg, summary.json, final/{ckpt_name}")
     return "\n".join(lines)

@@ -70,6 +70,10 @@ class TorchAdamWUpdater:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (moments, step counts) held now."""
+        return sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+
     def save(self, directory: Path) -> None:
         torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
