@@ -72,3 +72,31 @@ def test_blocks_describes_a_big_model_without_allocating_it(capsys):
     assert main(["blocks", "model.preset=llama-70b"]) == 0
     out = capsys.readouterr().out
     assert "82 blocks" in out and "model.layers.79" in out and "68,976,648,192" in out
+
+
+def test_probe_measures_the_tiers_and_writes_a_profile(tmp_path, capsys):
+    from tiertune.memory.profile import MachineProfile
+
+    out = tmp_path / "profile.json"
+    assert (
+        main(["probe", "--nvme-dir", str(tmp_path), "--mib", "4", "--repeats", "1", "--out", str(out)]) == 0
+    )
+    profile = MachineProfile.load(out)
+    assert profile.dram_copy_gbps > 0 and profile.cpu_adamw_params_per_s > 0
+    figures = profile.nvme[str(tmp_path)]
+    assert set(figures) == {
+        f"{rw}_qd{qd}_bs{bs}k" for rw in ("read", "write") for qd in (1, 4, 8) for bs in (128, 1024, 4096)
+    }
+    assert all(v > 0 for v in figures.values())
+    assert f"profile written to {out}" in capsys.readouterr().out
+    assert not list(tmp_path.glob("tiertune-probe-*"))  # its scratch file is gone
+
+
+def test_probe_refuses_a_missing_directory_and_a_damaged_profile_is_a_clear_error(tmp_path):
+    from tiertune.errors import TiertuneError
+    from tiertune.memory.profile import MachineProfile
+
+    assert main(["probe", "--nvme-dir", str(tmp_path / "nope")]) == 2
+    (tmp_path / "p.json").write_text("{not json")
+    with pytest.raises(TiertuneError, match="run `tiertune probe`"):
+        MachineProfile.load(tmp_path / "p.json")

@@ -5,6 +5,7 @@
     tiertune keys                               every config key with its default and meaning
     tiertune presets                            the built-in models and their training-state sizes
     tiertune blocks [CONFIG] [key=value ...]    the job's model cut into the blocks that offload moves
+    tiertune probe [--nvme-dir DIR ...]         measure this machine's tiers into a machine profile
 
 Exit status: 0 done, 2 bad input (config, data, checkpoint, output directory; the message says what to
 do), 130 interrupted, 1 anything else (a bug: the traceback is kept).
@@ -51,6 +52,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the built-in models")
     blocks = sub.add_parser("blocks", help="show the job's model cut into blocks (built on meta: no memory)")
     blocks.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    probe = sub.add_parser(
+        "probe", help="measure DRAM, NVMe, CUDA copies, CXL and CPU AdamW into a machine profile"
+    )
+    probe.add_argument(
+        "--nvme-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory on a drive to measure (repeat for several; default: the temp dir)",
+    )
+    probe.add_argument("--out", default=None, help="where to write the profile (default ~/.cache/tiertune/)")
+    probe.add_argument("--mib", type=int, default=256, help="bytes per measurement, in MiB")
+    probe.add_argument("--repeats", type=int, default=3, help="repetitions per figure (the median is kept)")
     return parser
 
 
@@ -138,10 +152,49 @@ def _blocks(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _probe(ns: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from tiertune.launch.probe import probe
+    from tiertune.launch.progress import say
+    from tiertune.memory.profile import DEFAULT_PROFILE
+
+    dirs = [Path(d) for d in ns.nvme_dir] or [Path(tempfile.gettempdir())]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        print(f"tiertune: error: --nvme-dir {', '.join(missing)} does not exist", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    profile = probe(
+        dirs, nbytes=ns.mib * 2**20, repeats=ns.repeats, progress=lambda what: say(f"probing {what}")
+    )
+    out = Path(ns.out) if ns.out else DEFAULT_PROFILE
+    profile.save(out)
+    print(f"DRAM copy            {profile.dram_copy_gbps:8.2f} GB/s (read + write)")
+    print(f"CPU AdamW (fused)    {profile.cpu_adamw_params_per_s / 1e9:8.2f} G params/s")
+    for directory, figures in profile.nvme.items():
+        print(f"NVMe O_DIRECT in {directory} (GB/s):")
+        for key, value in figures.items():
+            print(f"  {key:22} {value:8.2f}")
+    for key, value in profile.cuda.items():
+        print(f"CUDA {key:15} {value:8.2f} GB/s")
+    for node, value in profile.cxl_copy_gbps.items():
+        print(f"CXL node {node:11} {value:8.2f} GB/s (copy)")
+    print(f"profile written to {out}")
+    return EXIT_OK
+
+
 def _quiet() -> None:
     from tiertune.launch.progress import quiet_libraries  # imports torch: not for `validate` or `keys`
 
     quiet_libraries()
 
 
-_COMMANDS = {"train": _train, "validate": _validate, "keys": _keys, "presets": _presets, "blocks": _blocks}
+_COMMANDS = {
+    "train": _train,
+    "validate": _validate,
+    "keys": _keys,
+    "presets": _presets,
+    "blocks": _blocks,
+    "probe": _probe,
+}
