@@ -100,3 +100,30 @@ def test_probe_refuses_a_missing_directory_and_a_damaged_profile_is_a_clear_erro
     (tmp_path / "p.json").write_text("{not json")
     with pytest.raises(TiertuneError, match="run `tiertune probe`"):
         MachineProfile.load(tmp_path / "p.json")
+
+
+def test_plan_prints_the_placement_without_allocating_the_model(capsys):
+    assert main(["plan"]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.0 (+3 like it)" in out and "peak bytes per tier" in out and "predicted step" in out
+    assert (
+        main(
+            [
+                "plan",
+                "model.preset=llama-70b",
+                "memory.device_budget_gib=16",
+                "memory.host_budget_gib=16",
+                "train.dtype=bf16",
+            ]
+        )
+        == 2
+    )  # 70B of activations and state cannot fit 16 GiB
+    assert "memory.device_budget_gib is short by" in capsys.readouterr().err
+
+
+def test_plan_honours_a_forced_tier(capsys):
+    assert main(["plan", "offload.optimizer=nvme"]) == 0  # tiny-llama: a few MiB on the disk
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith(("embed", "model.layers"))
+    ]
+    assert rows and all(line.split()[-1] == "nvme" for line in rows)

@@ -65,3 +65,10 @@ def test_a_device_budget_too_small_for_the_job_is_refused_before_training(tmp_pa
         )
     )
     assert summary.steps == 2
+
+
+def test_training_refuses_placements_the_resident_engine_cannot_honour(tmp_path):
+    with pytest.raises(
+        ConfigError, match="offload.optimizer=nvme: training with state outside the device tier"
+    ):
+        run(fast_config(tmp_path, "offload.optimizer=nvme"))

@@ -189,6 +189,33 @@ class MemoryConfig:
     )
 
 
+Placement = Literal["auto", "device", "host", "cxl", "nvme"]
+
+
+def _depth(v: int | str) -> str | None:
+    return None if v == "auto" or 0 <= v <= 16 else "must be between 0 and 16, or auto"
+
+
+@dataclass
+class OffloadConfig:
+    params: Placement = opt("auto", "home tier of the weights; auto: the planner decides per block")
+    grads: Placement = opt("auto", "home tier of the gradients (kept in fp32 away from the device)")
+    optimizer: Placement = opt("auto", "home tier of the optimizer state (moments, fp32 master weights)")
+    prefetch_depth: int | Literal["auto"] = opt(
+        "auto",
+        "blocks fetched ahead of the one computing; more hides slower tiers, costs a buffer each",
+        _depth,
+    )
+    nvme_dir: list[str] = opt(
+        [], "directories for the NVMe tier, one per drive (striped); [] : a directory under output_dir"
+    )
+    machine_profile: str | None = opt(
+        None,
+        "machine profile from `tiertune probe` for step-time predictions; default: the probe's "
+        "default path when it exists, else conservative built-in figures",
+    )
+
+
 @dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -197,6 +224,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     output_dir: str | None = opt(None, "where checkpoints and metrics go; default a new runs/<time>-<model>")
 
     def cross_problems(self) -> list[str]:

@@ -6,6 +6,7 @@
     tiertune presets                            the built-in models and their training-state sizes
     tiertune blocks [CONFIG] [key=value ...]    the job's model cut into the blocks that offload moves
     tiertune probe [--nvme-dir DIR ...]         measure this machine's tiers into a machine profile
+    tiertune plan [CONFIG] [key=value ...]      where each block's state would live, and the predicted step
 
 Exit status: 0 done, 2 bad input (config, data, checkpoint, output directory; the message says what to
 do), 130 interrupted, 1 anything else (a bug: the traceback is kept).
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the built-in models")
     blocks = sub.add_parser("blocks", help="show the job's model cut into blocks (built on meta: no memory)")
     blocks.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    plan = sub.add_parser("plan", help="place the job's state across the tiers (the model is not allocated)")
+    plan.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     probe = sub.add_parser(
         "probe", help="measure DRAM, NVMe, CUDA copies, CXL and CPU AdamW into a machine profile"
     )
@@ -152,6 +155,20 @@ def _blocks(ns: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _plan(ns: argparse.Namespace) -> int:
+    from tiertune.config import load_config
+
+    path, overrides = _split_args(ns.args)
+    cfg = load_config(path, overrides)
+    _quiet()
+    from tiertune.launch.models import describe
+    from tiertune.launch.plan import format_plan, plan_job
+
+    title = f"{describe(cfg.model)}, {cfg.tuning.method}, {cfg.train.dtype}, micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}"
+    print(format_plan(plan_job(cfg), title))
+    return EXIT_OK
+
+
 def _probe(ns: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
@@ -172,6 +189,7 @@ def _probe(ns: argparse.Namespace) -> int:
     profile.save(out)
     print(f"DRAM copy            {profile.dram_copy_gbps:8.2f} GB/s (read + write)")
     print(f"CPU AdamW (fused)    {profile.cpu_adamw_params_per_s / 1e9:8.2f} G params/s")
+    print(f"device matmul        {profile.device_tflops:8.3f} TFLOP/s")
     for directory, figures in profile.nvme.items():
         print(f"NVMe O_DIRECT in {directory} (GB/s):")
         for key, value in figures.items():
@@ -197,4 +215,5 @@ _COMMANDS = {
     "presets": _presets,
     "blocks": _blocks,
     "probe": _probe,
+    "plan": _plan,
 }

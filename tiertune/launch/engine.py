@@ -145,6 +145,15 @@ def build_engine(
     ledger: Ledger | None = None,
 ) -> TrainEngine:
     """Place the model and pick its updater: everything resident on ``device``, torch AdamW."""
+    pinned = {k: getattr(cfg.offload, k) for k in ("params", "grads", "optimizer")}
+    away = [f"offload.{k}={v}" for k, v in pinned.items() if v not in ("auto", "device")]
+    if away:
+        raise ConfigError(
+            [
+                f"{', '.join(away)}: training with state outside the device tier is not available "
+                "in this release (`tiertune plan` shows the placement it would use); set auto or device"
+            ]
+        )
     if budgets is not None and resident_bytes(model) > budgets.device:
         raise ConfigError(
             [

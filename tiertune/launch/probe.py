@@ -104,6 +104,21 @@ def cuda_copy_gbps(nbytes: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def device_tflops(device: torch.device, repeats: int, n: int = 2048) -> float:
+    """Dense matmul throughput on ``device`` (bf16 on CUDA, fp32 on CPU), in TFLOP/s."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def matmul() -> None:
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # kernels are asynchronous: time their completion
+
+    matmul()  # warm-up: kernel selection and allocation
+    return round(_median_gbps(2 * n**3, matmul, repeats) / 1e3, 4)  # the helper's 1e9 units -> 1e12
+
+
 def adamw_params_per_s(numel: int, repeats: int) -> float:
     """Parameters per second through torch's fused CPU AdamW (one step = read/write weights, grads, moments)."""
     p = torch.nn.Parameter(torch.randn(numel))
@@ -131,6 +146,8 @@ def probe(
     dram = dram_copy_gbps(nbytes, repeats)
     progress("CPU AdamW")
     adamw = adamw_params_per_s(adamw_numel, repeats)
+    progress("matmul throughput")
+    tflops = device_tflops(torch.device("cuda" if torch.cuda.is_available() else "cpu"), repeats)
     nvme = {}
     for d in nvme_dirs:
         progress(f"NVMe O_DIRECT in {d}")
@@ -146,6 +163,7 @@ def probe(
         host_total_bytes=psutil.virtual_memory().total,
         dram_copy_gbps=dram,
         cpu_adamw_params_per_s=adamw,
+        device_tflops=tflops,
         nvme=nvme,
         cuda=cuda,
         cxl_copy_gbps=cxl,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ def quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module=r"transformers\."
+    )  # deprecations in its own calls
     if not torch.cuda.is_available():
         # transformers imports DeepSpeed (when installed) while saving; told the accelerator, DeepSpeed
         # does not warn that it found none.

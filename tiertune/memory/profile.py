@@ -21,6 +21,7 @@ class MachineProfile:
     host_total_bytes: int
     dram_copy_gbps: float
     cpu_adamw_params_per_s: float
+    device_tflops: float  # dense matmul throughput of the training device, in its training dtype
     nvme: dict[str, dict[str, float]] = field(default_factory=dict)  # dir -> {"write_qd8_bs1m": GB/s, ...}
     cuda: dict[str, float] = field(default_factory=dict)  # "h2d_pinned" ... in GB/s; empty without CUDA
     cxl_copy_gbps: dict[str, float] = field(default_factory=dict)  # node id -> GB/s

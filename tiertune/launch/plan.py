@@ -1,0 +1,106 @@
+"""``tiertune plan``: the placement of a job's state across the tiers, without allocating the model."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tiertune.config import JobConfig
+from tiertune.launch.models import build_model, hf_config
+from tiertune.memory import Kind, Tier, format_bytes, resolve_budgets
+from tiertune.memory.profile import DEFAULT_PROFILE, MachineProfile
+from tiertune.offload import find_blocks
+from tiertune.offload.planner import BlockShape, Plan, activation_bytes_estimate, plan_placement
+from tiertune.tuning import get_method
+
+
+def nvme_free_bytes(cfg: JobConfig) -> int:
+    """Free space of the NVMe directories (each filesystem counted once)."""
+    dirs = [Path(d) for d in cfg.offload.nvme_dir] or [Path(cfg.output_dir or tempfile.gettempdir())]
+    existing = []
+    for d in dirs:
+        while not d.exists():  # an output_dir not made yet: its filesystem is its nearest parent's
+            d = d.parent
+        existing.append(d)
+    seen: dict[int, int] = {}
+    for d in existing:
+        seen.setdefault(d.stat().st_dev, shutil.disk_usage(d).free)
+    return sum(seen.values())
+
+
+def plan_job(cfg: JobConfig) -> Plan:
+    """Plan ``cfg``: the model is built on the meta device, so a 70B job plans in a second."""
+    model = get_method(cfg.tuning.method).apply(
+        build_model(cfg.model, seed=cfg.train.seed, device="meta"), cfg.tuning
+    )
+    shapes = [
+        BlockShape(b.name, b.kind, b.numel, sum(p.numel() for p in b.params.values() if p.requires_grad))
+        for b in find_blocks(model)
+    ]
+    hf = hf_config(cfg.model)
+    hidden = getattr(hf, "hidden_size", None) or hf.n_embd
+    layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
+    ffn = getattr(hf, "intermediate_size", None) or 4 * hidden
+    compute_bytes = 2 if cfg.train.dtype == "bf16" else 4
+    tokens = cfg.train.micro_batch_size * cfg.data.seq_len
+    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    profile_path = Path(cfg.offload.machine_profile) if cfg.offload.machine_profile else DEFAULT_PROFILE
+    profile = (
+        MachineProfile.load(profile_path) if (cfg.offload.machine_profile or profile_path.exists()) else None
+    )
+    forced = {
+        k: None if getattr(cfg.offload, k.value) == "auto" else Tier(getattr(cfg.offload, k.value))
+        for k in (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER)
+    }
+    depth = cfg.offload.prefetch_depth
+    return plan_placement(
+        shapes,
+        resolve_budgets(cfg.memory, device),
+        nvme_free_bytes(cfg),
+        compute_bytes=compute_bytes,
+        activation_bytes=activation_bytes_estimate(hidden, layers, ffn, hf.vocab_size, tokens, compute_bytes),
+        tokens_per_step=tokens * cfg.train.grad_accum_steps,
+        forced=forced,
+        prefetch_depth=None if depth == "auto" else depth,
+        profile=profile,
+    )
+
+
+def format_plan(plan: Plan, title: str) -> str:
+    kinds = (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER)
+    lines = [title, f"{'blocks':34} " + " ".join(f"{k.value:>20}" for k in kinds)]
+    rows: list[tuple[str, str, int]] = []  # runs of consecutive blocks with the same placement and sizes
+    for b in plan.blocks:
+        key = " ".join(f"{format_bytes(b.bytes[k]):>11} {b.home[k].value:>8}" for k in kinds)
+        if (
+            rows
+            and rows[-1][1] == key
+            and b.kind == "layer"
+            and rows[-1][0].startswith(b.name.rsplit(".", 1)[0])
+        ):
+            rows[-1] = (rows[-1][0], key, rows[-1][2] + 1)
+        else:
+            rows.append((b.name, key, 1))
+    for name, key, count in rows:
+        label = name if count == 1 else f"{name} (+{count - 1} like it)"
+        lines.append(f"{label:34} {key}")
+    lines.append("peak bytes per tier (budget):")
+    for tier, peak in plan.peak_bytes.items():
+        lines.append(f"  {tier.value:7} {format_bytes(peak):>11}  ({format_bytes(plan.budgets[tier])})")
+    lines.append(
+        f"prefetch depth {plan.prefetch_depth}; staging buffers: "
+        + (
+            ", ".join(f"{n} x {format_bytes(size)} {what}" for what, (size, n) in plan.buffers.items())
+            or "none"
+        )
+    )
+    t = plan.step_time_s
+    lines.append(
+        f"predicted step ({plan.profile_source}): compute {t['compute']:.3g}s + weights I/O "
+        f"{t['weights_io']:.3g}s + grads I/O {t['grads_io']:.3g}s + optimizer {t['optimizer']:.3g}s "
+        f"= {t['total']:.3g}s, not yet overlapped"
+    )
+    return "\n".join(lines)

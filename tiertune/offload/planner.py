@@ -1,0 +1,300 @@
+"""The placement planner: where every block's weights, gradients and optimizer state live, as a pure function.
+
+Inputs: the model's blocks (shapes only, from the meta device), the per-tier budgets, the machine profile
+and the batch shape. Output: a :class:`Plan` naming the home tier of each block's params, grads and
+optimizer state, the prefetch depth and staging buffers, the predicted peak bytes per tier and a predicted
+step time; or a :class:`PlanError` saying which budget is short and by how much.
+
+Policy, fastest tier first. The device always holds the working window (the blocks being computed and
+prefetched) and the activations; the rest of it goes to the smallest kind first (with full tuning the
+weights, each of which crosses the bus twice a step when homed elsewhere; with adapters, their gradients
+and optimizer state). Host DRAM takes optimizer
+state first (the CPU update runs there), then gradients, then weights; CXL takes weights first (copies
+run at nearly full speed from CXL, CPU updates do not); NVMe takes what is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tiertune.errors import ConfigError
+from tiertune.memory.budgets import Budgets
+from tiertune.memory.pool import align_up
+from tiertune.memory.profile import MachineProfile
+from tiertune.memory.tiers import Kind, Tier
+
+HOME_KINDS = (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER)
+TIER_ORDER = (Tier.DEVICE, Tier.HOST, Tier.CXL, Tier.NVME)
+_PRIORITY = {
+    Tier.HOST: (Kind.OPTIMIZER, Kind.GRADS, Kind.PARAMS),
+    Tier.CXL: (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER),
+    Tier.NVME: (Kind.OPTIMIZER, Kind.PARAMS, Kind.GRADS),
+}
+OPTIMIZER_CHUNK_BYTES = 128 * 2**20  # NVMe optimizer state streams through the update in chunks this big
+CXL_CPU_SLOWDOWN = 4.0  # CPU Adam on CXL-resident state vs local DRAM, for tensors past ~20M elements
+
+# Used when no machine profile exists: deliberately modest, so predictions err on the slow side.
+DEFAULT_PROFILE = MachineProfile(
+    cpus=1,
+    host_total_bytes=0,
+    dram_copy_gbps=10.0,
+    cpu_adamw_params_per_s=5e8,
+    device_tflops=0.1,
+    nvme={"default": {"read_qd8_bs1024k": 1.0, "write_qd8_bs1024k": 1.0}},
+)
+
+
+class PlanError(ConfigError):
+    """Nothing fits: the problems say which budget is short and by how much."""
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    name: str
+    kind: str  # embed, layer, head
+    numel: int
+    trainable: int
+
+
+@dataclass
+class BlockPlan:
+    name: str
+    kind: str
+    numel: int
+    trainable: int
+    bytes: dict[Kind, int]
+    home: dict[Kind, Tier] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    blocks: list[BlockPlan]
+    prefetch_depth: int
+    buffers: dict[str, tuple[int, int]]  # purpose -> (slot bytes, count)
+    peak_bytes: dict[Tier, int]
+    budgets: dict[Tier, int]
+    step_time_s: dict[str, float]  # compute, weights_io, grads_io, optimizer, total
+    profile_source: str
+
+    def homes(self, kind: Kind) -> set[Tier]:
+        return {b.home[kind] for b in self.blocks if b.bytes[kind]}
+
+
+def activation_bytes_estimate(
+    hidden: int, layers: int, ffn: int, vocab: int, tokens: int, compute_bytes: int
+) -> int:
+    """What a forward pass saves for backward, for ``tokens`` tokens in one micro-batch.
+
+    Per decoder layer and token, about 9 hidden-sized tensors (norm inputs and outputs, q/k/v, attention
+    output, residuals) and 4 MLP-sized ones (gate, up, activation, product), in the compute dtype; plus the
+    fp32 logits and their gradient at the head.
+    """
+    return layers * tokens * (9 * hidden + 4 * ffn) * compute_bytes + 2 * tokens * vocab * 4
+
+
+def block_bytes(shape: BlockShape, compute_bytes: int) -> dict[Kind, int]:
+    """Bytes of each home kind: weights in the compute dtype; fp32 gradients; two fp32 Adam moments, plus an
+    fp32 master copy when the weights are kept in a 16-bit dtype."""
+    master = 4 if compute_bytes < 4 else 0
+    return {
+        Kind.PARAMS: shape.numel * compute_bytes,
+        Kind.GRADS: shape.trainable * 4,
+        Kind.OPTIMIZER: shape.trainable * (8 + master),
+    }
+
+
+def plan_placement(
+    blocks: Sequence[BlockShape],
+    budgets: Budgets,
+    nvme_bytes: int,
+    *,
+    compute_bytes: int,
+    activation_bytes: int,
+    tokens_per_step: int,
+    forced: dict[Kind, Tier | None],
+    prefetch_depth: int | None,
+    profile: MachineProfile | None,
+) -> Plan:
+    """Place every block's params, grads and optimizer state (see the module docstring for the policy).
+
+    ``forced`` pins a kind to one tier (None: auto); ``prefetch_depth`` None chooses it from the tiers the
+    weights stream from. ``activation_bytes`` is what the forward pass saves for backward, all layers.
+    """
+    plans = [BlockPlan(b.name, b.kind, b.numel, b.trainable, block_bytes(b, compute_bytes)) for b in blocks]
+    biggest = {k: max(p.bytes[k] for p in plans) for k in HOME_KINDS}
+    capacity = {
+        Tier.DEVICE: budgets.device,
+        Tier.HOST: budgets.host,
+        Tier.CXL: budgets.cxl,
+        Tier.NVME: nvme_bytes,
+    }
+    if budgets.device_is_host:
+        capacity[Tier.HOST] = 0  # one pool of memory: the device tier is the host's DRAM
+    all_resident = sum(sum(p.bytes.values()) for p in plans) + activation_bytes
+    streaming = any(forced[k] not in (None, Tier.DEVICE) for k in HOME_KINDS) or all_resident > budgets.device
+    # Reserve before placing: on the device the activations, and when anything may stream, the deepest
+    # window of weights in flight plus the gradients of the block in backward; the staging slots on the host.
+    # What turns out not to stream is given back in the reported peaks.
+    most_depth = prefetch_depth if prefetch_depth is not None else 2
+    left = dict(capacity)
+    left[Tier.DEVICE] -= activation_bytes
+    if streaming:
+        left[Tier.DEVICE] -= (most_depth + 2) * biggest[Kind.PARAMS]
+        staging_home = Tier.DEVICE if budgets.device_is_host else Tier.HOST
+        reserve = _staging(most_depth, biggest, set(HOME_KINDS), budgets.device_is_host)
+        left[staging_home] -= sum(size * n for size, n in reserve.values())
+
+    totals = {k: sum(p.bytes[k] for p in plans) for k in HOME_KINDS}
+    for tier in TIER_ORDER:
+        for kind in _order(tier, totals):
+            if forced[kind] not in (None, tier):
+                continue
+            for p in plans:
+                if kind not in p.home and p.bytes[kind] <= left[tier]:
+                    p.home[kind] = tier
+                    left[tier] -= p.bytes[kind]
+    missing = [(p, k) for p in plans for k in HOME_KINDS if k not in p.home]
+    if missing or left[Tier.DEVICE] < 0:
+        raise PlanError(_shortfalls(missing, left, capacity, forced))
+
+    # What needs staging slots: weights and gradients crossing to and from the device, and optimizer
+    # state streamed from NVMe (state on host or CXL is updated in place by the CPU).
+    moved = {
+        k for k in (Kind.PARAMS, Kind.GRADS) if any(p.home[k] is not Tier.DEVICE for p in plans if p.bytes[k])
+    }
+    if any(p.home[Kind.OPTIMIZER] is Tier.NVME for p in plans if p.bytes[Kind.OPTIMIZER]):
+        moved.add(Kind.OPTIMIZER)
+    weights_from = {p.home[Kind.PARAMS] for p in plans} - {Tier.DEVICE}
+    if prefetch_depth is not None:
+        depth = prefetch_depth if weights_from else 0
+    else:  # hide a slower tier behind more blocks of compute
+        depth = 2 if Tier.NVME in weights_from else 1 if weights_from else 0
+    staging = _staging(depth, biggest, moved, budgets.device_is_host)
+    source = (
+        "from the machine profile" if profile is not None else "from built-in figures: run `tiertune probe`"
+    )
+    return Plan(
+        plans,
+        depth,
+        staging,
+        _peaks(plans, activation_bytes, staging, depth, budgets.device_is_host),
+        dict(capacity),
+        _step_time(plans, profile or DEFAULT_PROFILE, tokens_per_step, budgets.device_is_host),
+        source,
+    )
+
+
+def _order(tier: Tier, totals: dict[Kind, int]) -> tuple[Kind, ...]:
+    """The order in which kinds claim ``tier``. On the device the smallest kind first: with full tuning that
+    is the weights (2-4 bytes a parameter against 4 for gradients and 8-12 for optimizer state); with
+    adapters it is their few gradients and moments, so the whole update stays on the device."""
+    if tier is Tier.DEVICE:
+        return tuple(sorted(HOME_KINDS, key=lambda k: totals[k]))
+    return _PRIORITY[tier]
+
+
+def _peaks(
+    plans: list[BlockPlan],
+    activation_bytes: int,
+    staging: dict[str, tuple[int, int]],
+    depth: int,
+    device_is_host: bool,
+) -> dict[Tier, int]:
+    """Peak bytes per tier once placed: the homes, plus on the device the activations and whatever streams
+    through it (the weights in flight and the gradients of the block in backward), plus the staging slots."""
+    peak = {t: sum(p.bytes[k] for p in plans for k in HOME_KINDS if p.home[k] is t) for t in TIER_ORDER}
+    biggest = max(p.bytes[Kind.PARAMS] for p in plans)
+    peak[Tier.DEVICE] += activation_bytes
+    if any(p.home[Kind.PARAMS] is not Tier.DEVICE for p in plans):  # the window of weights in flight
+        peak[Tier.DEVICE] += (depth + 1) * biggest
+    if "grads" in staging:
+        peak[Tier.DEVICE] += biggest
+    peak[Tier.DEVICE if device_is_host else Tier.HOST] += sum(size * n for size, n in staging.values())
+    return {t: n for t, n in peak.items() if n}
+
+
+def _staging(
+    depth: int, biggest: dict[Kind, int], moved: set[Kind], device_is_host: bool
+) -> dict[str, tuple[int, int]]:
+    """Pool slots (size, count) for what moves: weights in flight (the window plus the one being filled),
+    gradients leaving (double buffered), optimizer state streaming (read j+1 | update j | write j-1).
+    Without an accelerator the weights are computed on straight from their pool slots: the device window
+    is those slots, so they are not counted twice."""
+    slots = {Kind.PARAMS: ("weights", depth + 1), Kind.GRADS: ("grads", 2), Kind.OPTIMIZER: ("optimizer", 3)}
+    if device_is_host:
+        moved = moved - {Kind.PARAMS}
+    size = {**biggest, Kind.OPTIMIZER: min(biggest[Kind.OPTIMIZER], OPTIMIZER_CHUNK_BYTES)}
+    return {slots[k][0]: (align_up(size[k]), slots[k][1]) for k in HOME_KINDS if k in moved and size[k]}
+
+
+def _shortfalls(
+    missing: list, left: dict[Tier, int], capacity: dict[Tier, int], forced: dict[Kind, Tier | None]
+) -> list[str]:
+    gib = 2**30
+    problems = []
+    if left[Tier.DEVICE] < 0:  # nothing else can be judged before this is fixed
+        return [
+            f"memory.device_budget_gib is short by {-left[Tier.DEVICE] / gib:.2f} GiB just for the "
+            "activations and the blocks in flight; lower the batch or sequence length, or raise it"
+        ]
+    need: dict[Kind, int] = {}
+    for p, k in missing:
+        need[k] = need.get(k, 0) + p.bytes[k]
+    for kind, nbytes in need.items():
+        if forced[kind] is not None:
+            tier = forced[kind]
+            problems.append(
+                f"offload.{kind.value}={tier.value}: {nbytes / gib:.2f} GiB of {kind.value} do not fit "
+                f"in the {tier.value} tier ({max(left[tier], 0) / gib:.2f} GiB left of "
+                f"{capacity[tier] / gib:.2f} GiB); raise its budget or choose another tier"
+            )
+        else:
+            tiers = ", ".join(f"{t.value} {capacity[t] / gib:.2f}" for t in TIER_ORDER if capacity[t] > 0)
+            problems.append(
+                f"{nbytes / gib:.2f} GiB of {kind.value} fit no tier: every budget is full ({tiers} GiB); "
+                "raise a budget, add offload.nvme_dir space, or train fewer weights (tuning.method=lora)"
+            )
+    return problems
+
+
+def _nvme_gbps(profile: MachineProfile, op: str) -> float:
+    figures = [f for d in profile.nvme.values() for k, f in d.items() if k.startswith(op)]
+    return max(figures) if figures else 1.0
+
+
+def _step_time(
+    plans: list[BlockPlan], profile: MachineProfile, tokens: int, device_is_host: bool
+) -> dict[str, float]:
+    """A rough step: compute, plus the transfers and the CPU update, not yet overlapped (the optimizer tier
+    overlaps them). Bandwidths are GB/s; a copy within host DRAM moves each byte twice (read and write)."""
+    bus = profile.dram_copy_gbps / 2 if device_is_host else profile.cuda.get("h2d_pinned", 12.0)
+    down = profile.dram_copy_gbps / 2 if device_is_host else profile.cuda.get("d2h_pinned", 12.0)
+    read, write = _nvme_gbps(profile, "read"), _nvme_gbps(profile, "write")
+    # Forward 2 FLOPs per weight and token; backward 2 for the activation gradients of every weight plus
+    # 2 for the gradient of each trainable weight.
+    flops = sum(4 * p.numel + 2 * p.trainable for p in plans) * tokens
+    compute = flops / (profile.device_tflops * 1e12)
+    weights_io = grads_io = update = 0.0
+    for p in plans:
+        if p.home[Kind.PARAMS] is not Tier.DEVICE:  # fetched for forward and again for backward
+            rate = min(bus, read) if p.home[Kind.PARAMS] is Tier.NVME else bus
+            weights_io += 2 * p.bytes[Kind.PARAMS] / (rate * 1e9)
+        if p.trainable and p.home[Kind.GRADS] is not Tier.DEVICE:
+            rate = min(down, write) if p.home[Kind.GRADS] is Tier.NVME else down
+            grads_io += p.bytes[Kind.GRADS] / (rate * 1e9)
+        if p.trainable and p.home[Kind.OPTIMIZER] is not Tier.DEVICE:
+            seconds = p.trainable / profile.cpu_adamw_params_per_s
+            if p.home[Kind.OPTIMIZER] is Tier.CXL:
+                seconds *= CXL_CPU_SLOWDOWN
+            if p.home[Kind.OPTIMIZER] is Tier.NVME:  # read and written back, pipelined with the update
+                state = p.bytes[Kind.OPTIMIZER]
+                seconds = max(seconds, state / (read * 1e9) + state / (write * 1e9))
+            update += seconds
+    return {
+        "compute": compute,
+        "weights_io": weights_io,
+        "grads_io": grads_io,
+        "optimizer": update,
+        "total": compute + weights_io + grads_io + update,
+    }
