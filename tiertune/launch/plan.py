@@ -71,7 +71,6 @@ def plan_job(cfg: JobConfig) -> Plan:
 
 def format_plan(plan: Plan, title: str) -> str:
     kinds = (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER)
-    lines = [title, f"{'blocks':34} " + " ".join(f"{k.value:>20}" for k in kinds)]
     rows: list[tuple[str, str, int]] = []  # runs of consecutive blocks with the same placement and sizes
     for b in plan.blocks:
         key = " ".join(f"{format_bytes(b.bytes[k]):>11} {b.home[k].value:>8}" for k in kinds)
@@ -84,23 +83,21 @@ def format_plan(plan: Plan, title: str) -> str:
             rows[-1] = (rows[-1][0], key, rows[-1][2] + 1)
         else:
             rows.append((b.name, key, 1))
-    for name, key, count in rows:
-        label = name if count == 1 else f"{name} (+{count - 1} like it)"
-        lines.append(f"{label:34} {key}")
+    labels = [name if count == 1 else f"{name} (+{count - 1} like it)" for name, _, count in rows]
+    width = max(len(label) for label in labels) + 1
+    lines = [title, f"{'blocks':{width}} " + " ".join(f"{k.value:>20}" for k in kinds)]
+    lines += [f"{label:{width}} {key}" for label, (_, key, _) in zip(labels, rows)]
     lines.append("peak bytes per tier (budget):")
     for tier, peak in plan.peak_bytes.items():
         lines.append(f"  {tier.value:7} {format_bytes(peak):>11}  ({format_bytes(plan.budgets[tier])})")
-    lines.append(
-        f"prefetch depth {plan.prefetch_depth}; staging buffers: "
-        + (
-            ", ".join(f"{n} x {format_bytes(size)} {what}" for what, (size, n) in plan.buffers.items())
-            or "none"
-        )
-    )
+    count, size = plan.window[1], plan.window[0]
+    in_flight = f" ({count} x {format_bytes(size)} of weights in flight on the device)" if count else ""
+    staging = ", ".join(f"{n} x {format_bytes(b)} {what}" for what, (b, n) in plan.buffers.items()) or "none"
+    lines.append(f"prefetch depth {plan.prefetch_depth}{in_flight}; host staging buffers: {staging}")
     t = plan.step_time_s
     lines.append(
-        f"predicted step ({plan.profile_source}): compute {t['compute']:.3g}s + weights I/O "
-        f"{t['weights_io']:.3g}s + grads I/O {t['grads_io']:.3g}s + optimizer {t['optimizer']:.3g}s "
-        f"= {t['total']:.3g}s, not yet overlapped"
+        f"predicted step, {plan.profile_source}: compute {t['compute']:.3g}s + weights I/O "
+        f"{t['weights_io']:.3g}s + grads I/O {t['grads_io']:.3g}s + optimizer {t['optimizer']:.3g}s = "
+        f"{t['total']:.3g}s (transfers and update not yet overlapped with compute)"
     )
     return "\n".join(lines)

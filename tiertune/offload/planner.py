@@ -71,7 +71,8 @@ class BlockPlan:
 class Plan:
     blocks: list[BlockPlan]
     prefetch_depth: int
-    buffers: dict[str, tuple[int, int]]  # purpose -> (slot bytes, count)
+    window: tuple[int, int]  # weights in flight on the device: (bytes of the biggest block, count)
+    buffers: dict[str, tuple[int, int]]  # host staging slots: purpose -> (slot bytes, count)
     peak_bytes: dict[Tier, int]
     budgets: dict[Tier, int]
     step_time_s: dict[str, float]  # compute, weights_io, grads_io, optimizer, total
@@ -174,9 +175,11 @@ def plan_placement(
     source = (
         "from the machine profile" if profile is not None else "from built-in figures: run `tiertune probe`"
     )
+    window = (biggest[Kind.PARAMS], depth + 1) if weights_from else (0, 0)
     return Plan(
         plans,
         depth,
+        window,
         staging,
         _peaks(plans, activation_bytes, staging, depth, budgets.device_is_host),
         dict(capacity),
