@@ -102,28 +102,54 @@ def test_probe_refuses_a_missing_directory_and_a_damaged_profile_is_a_clear_erro
         MachineProfile.load(tmp_path / "p.json")
 
 
-def test_plan_prints_the_placement_without_allocating_the_model(capsys):
-    assert main(["plan"]) == 0
+# The plan tests pin everything the machine would otherwise decide: budgets and the machine profile.
+PINNED = ["memory.device_budget_gib=16", "memory.host_budget_gib=16", "offload.machine_profile={profile}"]
+
+
+def _pinned(tmp_path):
+    from tiertune.memory.profile import MachineProfile
+
+    profile = tmp_path / "profile.json"
+    MachineProfile(
+        cpus=2,
+        host_total_bytes=2**34,
+        dram_copy_gbps=20,
+        cpu_adamw_params_per_s=1e9,
+        device_tflops=0.2,
+        nvme={"d": {"read_qd8_bs1024k": 1.5, "write_qd8_bs1024k": 2.0}},
+    ).save(profile)
+    return [p.format(profile=profile) for p in PINNED]
+
+
+def test_plan_prints_the_placement_without_allocating_the_model(tmp_path, capsys):
+    assert main(["plan", *_pinned(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "model.layers.0 (+3 like it)" in out and "peak bytes per tier" in out and "predicted step" in out
-    assert (
-        main(
-            [
-                "plan",
-                "model.preset=llama-70b",
-                "memory.device_budget_gib=16",
-                "memory.host_budget_gib=16",
-                "train.dtype=bf16",
-            ]
-        )
-        == 2
-    )  # 70B of activations and state cannot fit 16 GiB
-    assert "memory.device_budget_gib is short by" in capsys.readouterr().err
+    assert "model.layers.0 (+3 like it)" in out and "peak bytes per tier" in out
+    assert "predicted step, from the machine profile" in out
+    assert main(["plan", "model.preset=llama-70b", "train.dtype=bf16", *_pinned(tmp_path)]) == 2
+    assert "memory.device_budget_gib is short by" in capsys.readouterr().err  # 70B of activations alone
 
 
-def test_plan_honours_a_forced_tier(capsys):
-    assert main(["plan", "offload.optimizer=nvme"]) == 0  # tiny-llama: a few MiB on the disk
+def test_plan_honours_a_forced_tier(tmp_path, capsys):
+    assert main(["plan", "offload.optimizer=nvme", *_pinned(tmp_path)]) == 0  # tiny-llama: a few MiB on disk
     rows = [
         line for line in capsys.readouterr().out.splitlines() if line.startswith(("embed", "model.layers"))
     ]
     assert rows and all(line.split()[-1] == "nvme" for line in rows)
+
+
+def test_a_profile_with_an_impossible_rate_is_refused(tmp_path):
+    import json
+
+    from tiertune.errors import TiertuneError
+    from tiertune.memory.profile import MachineProfile
+
+    good = tmp_path / "p.json"
+    MachineProfile(
+        cpus=2, host_total_bytes=1, dram_copy_gbps=20, cpu_adamw_params_per_s=1e9, device_tflops=0.2
+    ).save(good)
+    data = json.loads(good.read_text())
+    data["device_tflops"] = 0
+    good.write_text(json.dumps(data))
+    with pytest.raises(TiertuneError, match="zero or negative"):
+        MachineProfile.load(good)

@@ -1,5 +1,7 @@
 """NUMA discovery and the CXL-aware policy on a fake sysfs topology; binding on this machine's node 0."""
 
+from pathlib import Path
+
 import pytest
 
 from tiertune.errors import ConfigError
@@ -109,9 +111,48 @@ def test_a_node_never_gets_more_than_its_free_memory(tmp_path):
     assert placed.stripes["weights16"] == [(1, GIB), (2, 3 * GIB)]  # node 1 is full after 1 GiB
 
 
+def _policy_of(buf):
+    """The kernel's NUMA policy for the mapping that starts at ``buf`` (from /proc/self/numa_maps)."""
+    start = f"{buf.data_ptr():x} "
+    maps = Path("/proc/self/numa_maps").read_text().splitlines()
+    (line,) = [line for line in maps if line.startswith(start)]
+    return line.split()[1]
+
+
 def test_binding_to_node_0_lands_every_page_there():
     buf = numa_empty(16 * PAGE + 100, nodes=[0])
     assert buf.data_ptr() % 4096 == 0 and buf.numel() == 16 * PAGE + 100
     assert set(page_nodes(buf)) == {0}
+    # On a one-node machine every page lands on node 0 anyway: the policy shows the binding itself.
+    assert _policy_of(buf) == "bind:0"
+    assert _policy_of(numa_empty(PAGE)) == "default"
     with pytest.raises(OSError, match="mbind to nodes"):
         numa_empty(PAGE, nodes=[max(n.id for n in discover()) + 1])  # a node this machine lacks
+
+
+def test_budgets_are_whole_pages_and_the_shortfall_names_what_is_usable(two_sockets_two_cxl):
+    nodes = two_sockets_two_cxl
+    dram, cxl = [n for n in nodes if n.cpus], select_cxl_nodes(nodes)
+    placed = place_host_bytes(
+        [Request("moments", Kind.OPTIMIZER, 2 * GIB)],
+        dram,
+        cxl,
+        dram_budget=int(0.3 * GIB),
+        cxl_budget=10 * GIB,
+    )
+    assert all(nbytes % PAGE == 0 for _, nbytes in placed.stripes["moments"])
+    with pytest.raises(ConfigError, match=r"1.00 GiB of DRAM and 0.00 GiB of CXL are usable"):
+        place_host_bytes([Request("moments", Kind.OPTIMIZER, 2 * GIB)], dram, [], GIB, 0)
+
+
+def test_a_cxl_budget_without_cxl_nodes_is_refused():
+    import torch
+
+    from tiertune.config import MemoryConfig
+    from tiertune.memory import resolve_budgets
+
+    one_node = discover()
+    if select_cxl_nodes(one_node):
+        pytest.skip("this machine has CXL nodes")
+    with pytest.raises(ConfigError, match="no CXL"):
+        resolve_budgets(MemoryConfig(cxl_budget_gib=64.0), torch.device("cpu"), one_node)

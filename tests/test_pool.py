@@ -98,3 +98,24 @@ def test_pinned_pool_copies_asynchronously_and_exactly():
     assert torch.equal(back, torch.arange(MIB, dtype=torch.float32))
     pool.release(buf)
     pool.close()
+
+
+def test_a_double_release_is_refused_and_close_waits_for_every_buffer():
+    pool = BufferPool({64: 2})
+    buf = pool.acquire(64)
+    with pytest.raises(RuntimeError, match="still handed out"):
+        pool.close()
+    pool.release(buf)
+    with pytest.raises(ValueError, match="released twice"):
+        pool.release(buf)
+    pool.close()
+
+
+def test_two_pools_on_one_tier_add_up_in_the_ledger():
+    ledger = Ledger()
+    a, b = BufferPool({4096: 1}, ledger=ledger), BufferPool({8192: 1}, ledger=ledger)
+    x, y = a.acquire(10), b.acquire(10)
+    assert ledger.bytes(Tier.HOST, Kind.STAGING) == 4096 + 8192
+    a.release(x)
+    b.release(y)
+    assert ledger.snapshot()["waste_bytes"] == {} and ledger.bytes(Tier.HOST, Kind.STAGING) == 0

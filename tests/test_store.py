@@ -120,3 +120,41 @@ def test_buffers_must_be_aligned_pool_slots(tmp_path):
     with pytest.raises(ValueError, match="never written"):
         store.read(extent, BufferPool({4096: 1}).acquire(4096).slot)
     store.close()
+
+
+def test_a_failed_transfer_waits_for_every_piece_and_keeps_failing(tmp_path):
+    store = NvmeStore([tmp_path], 16 * MIB, queue_depth=4, block_bytes=64 * 1024)
+    pool = BufferPool({8 * MIB: 2})
+    extent = store.allocate("w", 8 * MIB)
+    store.write(extent, filled(pool, 8 * MIB, seed=3).slot).wait()
+    extent.checksums[5] ^= 1  # as if piece 5 had been written with other bytes
+    pending = store.read(extent, pool.acquire(8 * MIB).slot)
+    with pytest.raises(StoreCorruption):
+        pending.wait()
+    assert pending.transferred()  # no piece is still writing into the buffer
+    with pytest.raises(StoreCorruption):  # and asking again does not pretend all is well
+        pending.wait()
+    store.close()
+
+
+def test_a_double_free_is_refused(tmp_path):
+    store = NvmeStore([tmp_path], 4 * MIB)
+    extent = store.allocate("a", MIB)
+    store.free(extent)
+    with pytest.raises(ValueError, match="freed twice"):
+        store.free(extent)
+    store.close()
+
+
+def test_leftovers_of_a_killed_job_are_removed_and_bad_arguments_refused(tmp_path):
+    leftover = tmp_path / "tiertune-store-7.bin"
+    leftover.write_bytes(b"x" * 4096)
+    store = NvmeStore([tmp_path], MIB)
+    assert not leftover.exists()
+    store.close()
+    with pytest.raises(StoreError, match="more than once"):
+        NvmeStore([tmp_path, tmp_path], MIB)
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        NvmeStore([tmp_path], MIB, block_bytes=1000)
+    with pytest.raises(ValueError, match="capacity above 0"):
+        NvmeStore([tmp_path], 0)

@@ -30,6 +30,16 @@ def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
     return None, list(args)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tiertune", description="Memory-tiered LLM training and fine-tuning."
@@ -66,8 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         help="a directory on a drive to measure (repeat for several; default: the temp dir)",
     )
     probe.add_argument("--out", default=None, help="where to write the profile (default ~/.cache/tiertune/)")
-    probe.add_argument("--mib", type=int, default=256, help="bytes per measurement, in MiB")
-    probe.add_argument("--repeats", type=int, default=3, help="repetitions per figure (the median is kept)")
+    probe.add_argument("--mib", type=_positive_int, default=256, help="bytes per measurement, in MiB")
+    probe.add_argument(
+        "--repeats", type=_positive_int, default=3, help="repetitions per figure (the median is kept)"
+    )
     return parser
 
 

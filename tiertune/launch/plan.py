@@ -3,31 +3,43 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from tiertune.config import JobConfig
+from tiertune.errors import ConfigError
 from tiertune.launch.models import build_model, hf_config
+from tiertune.launch.rundir import RUNS_ROOT
 from tiertune.memory import Kind, Tier, format_bytes, resolve_budgets
 from tiertune.memory.profile import DEFAULT_PROFILE, MachineProfile
 from tiertune.offload import find_blocks
 from tiertune.offload.planner import BlockShape, Plan, activation_bytes_estimate, plan_placement
 from tiertune.tuning import get_method
 
+NVME_RESERVE = 0.05  # of each filesystem's free space, left for the run's checkpoints and the system
 
-def nvme_free_bytes(cfg: JobConfig) -> int:
-    """Free space of the NVMe directories (each filesystem counted once)."""
-    dirs = [Path(d) for d in cfg.offload.nvme_dir] or [Path(cfg.output_dir or tempfile.gettempdir())]
-    existing = []
-    for d in dirs:
-        while not d.exists():  # an output_dir not made yet: its filesystem is its nearest parent's
-            d = d.parent
-        existing.append(d)
+
+def nvme_dirs(cfg: JobConfig) -> list[Path]:
+    """The NVMe tier's directories: ``offload.nvme_dir``, else the job's output directory (where training
+    would put its store), else ./runs, where a default output directory goes."""
+    if cfg.offload.nvme_dir:
+        missing = [d for d in cfg.offload.nvme_dir if not Path(d).is_dir()]
+        if missing:
+            raise ConfigError(
+                [f"offload.nvme_dir: {', '.join(missing)} does not exist; create it or fix the path"]
+            )
+        return [Path(d) for d in cfg.offload.nvme_dir]
+    return [Path(cfg.output_dir) if cfg.output_dir else RUNS_ROOT]
+
+
+def nvme_free_bytes(dirs: list[Path]) -> int:
+    """Usable space of the NVMe directories: free space less a reserve, each filesystem counted once."""
     seen: dict[int, int] = {}
-    for d in existing:
-        seen.setdefault(d.stat().st_dev, shutil.disk_usage(d).free)
+    for d in dirs:
+        while not d.exists():  # an output directory not made yet lands on its nearest parent's filesystem
+            d = d.parent if d.parent != d else Path.cwd()
+        seen.setdefault(d.stat().st_dev, int(shutil.disk_usage(d).free * (1 - NVME_RESERVE)))
     return sum(seen.values())
 
 
@@ -59,7 +71,7 @@ def plan_job(cfg: JobConfig) -> Plan:
     return plan_placement(
         shapes,
         resolve_budgets(cfg.memory, device),
-        nvme_free_bytes(cfg),
+        nvme_free_bytes(nvme_dirs(cfg)),
         compute_bytes=compute_bytes,
         activation_bytes=activation_bytes_estimate(hidden, layers, ffn, hf.vocab_size, tokens, compute_bytes),
         tokens_per_step=tokens * cfg.train.grad_accum_steps,

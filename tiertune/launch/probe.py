@@ -8,10 +8,12 @@ repetitions; the machines are noisy, so the planner uses them for ratios and rou
 
 from __future__ import annotations
 
+import errno
 import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +50,14 @@ def nvme_gbps(
     buffer = numa_empty(nbytes)
     buffer.random_(0, 255)
     with tempfile.NamedTemporaryFile(dir=directory, prefix="tiertune-probe-") as tmp:
-        fd = os.open(tmp.name, os.O_RDWR | os.O_DIRECT)
+        try:
+            fd = os.open(tmp.name, os.O_RDWR | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            # The store falls back to buffered I/O on such filesystems: measure what it would get.
+            warnings.warn(f"{directory} refuses O_DIRECT; measuring buffered I/O there", stacklevel=2)
+            fd = os.open(tmp.name, os.O_RDWR)
         try:
             os.posix_fallocate(fd, 0, nbytes)
             for qd in queue_depths:

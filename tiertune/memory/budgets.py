@@ -8,6 +8,7 @@ import psutil
 import torch
 
 from tiertune.config import MemoryConfig
+from tiertune.errors import ConfigError
 from tiertune.memory.numa import NumaNode, discover, select_cxl_nodes
 
 GIB = 2**30
@@ -34,6 +35,13 @@ def resolve_budgets(cfg: MemoryConfig, device: torch.device, nodes: list[NumaNod
     def given(value: float | str, auto: int) -> int:
         return auto if value == "auto" else int(float(value) * GIB)
 
+    if not cxl and cfg.cxl_budget_gib not in ("auto", 0, 0.0):
+        raise ConfigError(
+            [
+                f"memory.cxl_budget_gib: {cfg.cxl_budget_gib} GiB, but this machine has no CXL "
+                "(CPU-less) NUMA node; leave it auto, or name the nodes in memory.cxl_nodes"
+            ]
+        )
     vm = psutil.virtual_memory()
     host = given(cfg.host_budget_gib, max(0, vm.available - host_reserve(vm.total)))
     if device.type == "cuda":

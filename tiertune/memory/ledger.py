@@ -31,10 +31,10 @@ class Ledger:
         with self._lock:
             self._update(tier, kind, nbytes)
 
-    def set_waste(self, tier: Tier, nbytes: int) -> None:
+    def add_waste(self, tier: Tier, nbytes: int) -> None:
         """Bytes reserved on ``tier`` that hold nothing (alignment and size-class rounding)."""
         with self._lock:
-            self._waste[tier] = nbytes
+            self._waste[tier] += nbytes
 
     def _update(self, tier: Tier, kind: Kind, nbytes: int) -> None:
         if nbytes < 0:

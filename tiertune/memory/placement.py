@@ -47,7 +47,12 @@ def place_host_bytes(
     pages so each can be bound with mbind.
     """
     room = {n.id: n.free_bytes for n in dram + cxl}
-    left = {Tier.HOST: dram_budget, Tier.CXL: cxl_budget}
+    # Whole pages only, so that every stripe can be bound on its own.
+    left = {Tier.HOST: dram_budget // PAGE * PAGE, Tier.CXL: cxl_budget // PAGE * PAGE}
+    usable = {
+        t: min(left[t], sum(n.free_bytes // PAGE * PAGE for n in ns))
+        for t, ns in ((Tier.HOST, dram), (Tier.CXL, cxl))
+    }
     nodes = {Tier.HOST: dram, Tier.CXL: cxl}
     out = HostPlacement()
     pending = {r.name: _pages(r.nbytes) for r in requests}
@@ -90,12 +95,15 @@ def place_host_bytes(
         fill(r, Tier.CXL, stripe=True)
     short = sum(pending.values())
     if short:
+        gib = 2**30
+        need = sum(_pages(r.nbytes) for r in requests)
         raise ConfigError(
             [
-                f"host memory is short by {short / 2**30:.2f} GiB: the job needs "
-                f"{sum(_pages(r.nbytes) for r in requests) / 2**30:.2f} GiB on host DRAM and CXL but "
-                "memory.host_budget_gib and memory.cxl_budget_gib (or the nodes' free memory) allow "
-                f"{(dram_budget + cxl_budget) / 2**30:.2f} GiB; raise them, or move state to NVMe"
+                f"host memory is short by {short / gib:.2f} GiB: the job needs {need / gib:.2f} GiB on "
+                f"host DRAM and CXL, and {usable[Tier.HOST] / gib:.2f} GiB of DRAM and "
+                f"{usable[Tier.CXL] / gib:.2f} GiB of CXL are usable (the smaller of "
+                "memory.host_budget_gib / memory.cxl_budget_gib and the nodes' free memory); raise "
+                "them, or move state to NVMe"
             ]
         )
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -54,8 +55,10 @@ class BufferPool:
         tier: Tier | None = None,
         ledger: Ledger | None = None,
         numa_nodes: list[int] | None = None,
+        interleave: bool = False,
     ) -> None:
-        """``classes`` maps a slot size in bytes to how many slots of it to reserve."""
+        """``classes`` maps a slot size in bytes to how many slots of it to reserve. ``numa_nodes`` places the
+        arenas' pages (``interleave``: page by page over the nodes, to add up their bandwidth)."""
         if pinned and not torch.cuda.is_available():
             raise RuntimeError("a pinned pool needs CUDA; use pinned=False on this machine")
         self.pinned = pinned
@@ -65,11 +68,18 @@ class BufferPool:
         self._free: dict[int, list[torch.Tensor]] = {}
         self._arenas: list[torch.Tensor] = []
         self._in_use = 0
+        self._out: set[int] = set()  # data pointers of slots handed out
         for size, count in sorted(classes.items()):
             slot = align_up(size)
-            arena = numa_empty(slot * count, nodes=numa_nodes)
+            arena = numa_empty(slot * count, nodes=numa_nodes, interleave=interleave)
             if pinned:
-                _register_pinned(arena)
+                try:
+                    _register_pinned(arena)
+                except RuntimeError:
+                    self.close()  # unpin the arenas registered so far
+                    raise
+                # Registered memory stays locked until unregistered: do it even if close() is never called.
+                weakref.finalize(arena, torch.cuda.cudart().cudaHostUnregister, arena.data_ptr())
             self._arenas.append(arena)
             self._free[size] = [arena[i * slot : i * slot + slot] for i in range(count)]
         self.classes = dict(sorted(classes.items()))
@@ -77,7 +87,7 @@ class BufferPool:
         # Bytes reserved beyond what the classes hold: alignment of each slot and of each arena to pages.
         self.waste_bytes = self.reserved_bytes - sum(size * count for size, count in classes.items())
         if ledger is not None:
-            ledger.set_waste(self.tier, self.waste_bytes)
+            ledger.add_waste(self.tier, self.waste_bytes)
 
     def acquire(self, nbytes: int, timeout_s: float | None = 60.0) -> PoolBuffer:
         """A free slot of the smallest class that fits ``nbytes``; waits for one to be released."""
@@ -95,27 +105,31 @@ class BufferPool:
                 )
             size = next(c for c in fitting if self._free[c])
             slot = self._free[size].pop()
-            self._in_use += size
-            self._report()
+            self._out.add(slot.data_ptr())
+            self._report(size)
         return PoolBuffer(slot[:nbytes], slot, size)
 
     def release(self, buffer: PoolBuffer) -> None:
         with self._cond:
+            if buffer.slot.data_ptr() not in self._out:  # a second release would hand one slot out twice
+                raise ValueError("this buffer is not handed out by this pool (released twice?)")
+            self._out.discard(buffer.slot.data_ptr())
             self._free[buffer.size_class].append(buffer.slot)
-            self._in_use -= buffer.size_class
-            self._report()
+            self._report(-buffer.size_class)
             self._cond.notify_all()
 
-    def _report(self) -> None:
+    def _report(self, delta: int) -> None:
+        self._in_use += delta
         if self.ledger is not None:
-            self.ledger.set(self.tier, Kind.STAGING, self._in_use)
+            self.ledger.add(self.tier, Kind.STAGING, delta)
 
     def close(self) -> None:
-        """Unpin the arenas (pinned memory is scarce: give it back as soon as the pool is done)."""
-        if self.pinned:
-            for arena in self._arenas:
-                torch.cuda.cudart().cudaHostUnregister(arena.data_ptr())
-        self._arenas.clear()
+        """Unpin and drop the arenas (pinned memory is scarce: give it back as soon as the pool is done)."""
+        if self._out:
+            raise RuntimeError(
+                f"{len(self._out)} buffer(s) are still handed out; release them before close()"
+            )
+        self._arenas.clear()  # each arena's finalizer unregisters it once no slot view is left
         self._free.clear()
 
 

@@ -34,7 +34,12 @@ class MachineProfile:
     @classmethod
     def load(cls, path: Path) -> MachineProfile:
         try:
-            return cls(**json.loads(path.read_text()))
+            profile = cls(**json.loads(path.read_text()))
+            rates = [profile.dram_copy_gbps, profile.cpu_adamw_params_per_s, profile.device_tflops]
+            rates += [v for d in profile.nvme.values() for v in d.values()] + list(profile.cuda.values())
+            if not all(isinstance(r, (int, float)) and r > 0 for r in rates):
+                raise ValueError("a measured rate is zero or negative")
+            return profile
         except (OSError, ValueError, TypeError) as e:
             raise TiertuneError(
                 f"machine profile {str(path)!r} is unreadable ({e}); run `tiertune probe` "

@@ -35,7 +35,7 @@ OPTIMIZER_CHUNK_BYTES = 128 * 2**20  # NVMe optimizer state streams through the 
 CXL_CPU_SLOWDOWN = 4.0  # CPU Adam on CXL-resident state vs local DRAM, for tensors past ~20M elements
 
 # Used when no machine profile exists: deliberately modest, so predictions err on the slow side.
-DEFAULT_PROFILE = MachineProfile(
+FALLBACK_PROFILE = MachineProfile(
     cpus=1,
     host_total_bytes=0,
     dram_copy_gbps=10.0,
@@ -96,13 +96,15 @@ def activation_bytes_estimate(
 
 def block_bytes(shape: BlockShape, compute_bytes: int) -> dict[Kind, int]:
     """Bytes of each home kind: weights in the compute dtype; fp32 gradients; two fp32 Adam moments, plus an
-    fp32 master copy when the weights are kept in a 16-bit dtype."""
+    fp32 master copy when the weights are kept in a 16-bit dtype. Each rounded up to 4 KiB, as the pool
+    and the NVMe store hold them."""
     master = 4 if compute_bytes < 4 else 0
-    return {
+    raw = {
         Kind.PARAMS: shape.numel * compute_bytes,
         Kind.GRADS: shape.trainable * 4,
         Kind.OPTIMIZER: shape.trainable * (8 + master),
     }
+    return {k: align_up(n) if n else 0 for k, n in raw.items()}
 
 
 def plan_placement(
@@ -123,6 +125,8 @@ def plan_placement(
     weights stream from. ``activation_bytes`` is what the forward pass saves for backward, all layers.
     """
     plans = [BlockPlan(b.name, b.kind, b.numel, b.trainable, block_bytes(b, compute_bytes)) for b in blocks]
+    if budgets.device_is_host:  # without an accelerator the device tier is the host: 'host' means it
+        forced = {k: Tier.DEVICE if t is Tier.HOST else t for k, t in forced.items()}
     biggest = {k: max(p.bytes[k] for p in plans) for k in HOME_KINDS}
     capacity = {
         Tier.DEVICE: budgets.device,
@@ -133,18 +137,30 @@ def plan_placement(
     if budgets.device_is_host:
         capacity[Tier.HOST] = 0  # one pool of memory: the device tier is the host's DRAM
     all_resident = sum(sum(p.bytes.values()) for p in plans) + activation_bytes
-    streaming = any(forced[k] not in (None, Tier.DEVICE) for k in HOME_KINDS) or all_resident > budgets.device
-    # Reserve before placing: on the device the activations, and when anything may stream, the deepest
-    # window of weights in flight plus the gradients of the block in backward; the staging slots on the host.
-    # What turns out not to stream is given back in the reported peaks.
+    # Reserve before placing: on the device the activations, and for each kind that may leave it, what its
+    # moving needs: the deepest window of weights in flight, the gradients of the block in backward, and
+    # the staging slots. What turns out not to move is given back in the reported peaks.
+    may_move = set()
+    if all_resident > budgets.device or any(forced[k] not in (None, Tier.DEVICE) for k in HOME_KINDS):
+        may_move = {k for k in HOME_KINDS if forced[k] is not Tier.DEVICE}
     most_depth = prefetch_depth if prefetch_depth is not None else 2
     left = dict(capacity)
     left[Tier.DEVICE] -= activation_bytes
-    if streaming:
-        left[Tier.DEVICE] -= (most_depth + 2) * biggest[Kind.PARAMS]
-        staging_home = Tier.DEVICE if budgets.device_is_host else Tier.HOST
-        reserve = _staging(most_depth, biggest, set(HOME_KINDS), budgets.device_is_host)
-        left[staging_home] -= sum(size * n for size, n in reserve.values())
+    if Kind.PARAMS in may_move:
+        left[Tier.DEVICE] -= (most_depth + 1) * biggest[Kind.PARAMS]
+    if Kind.GRADS in may_move:
+        left[Tier.DEVICE] -= biggest[Kind.PARAMS]  # the block's gradients in the compute dtype, leaving
+    staging_home = Tier.DEVICE if budgets.device_is_host else Tier.HOST
+    slotted = may_move - ({Kind.OPTIMIZER} if forced[Kind.OPTIMIZER] not in (None, Tier.NVME) else set())
+    reserve = _staging(most_depth, biggest, slotted, budgets.device_is_host)
+    left[staging_home] -= sum(size * n for size, n in reserve.values())
+    if left[staging_home] < 0 and staging_home is Tier.HOST:
+        raise PlanError(
+            [
+                f"memory.host_budget_gib is short by {-left[Tier.HOST] / 2**30:.2f} GiB for the staging "
+                "buffers that state moving to and from the device passes through; raise it"
+            ]
+        )
 
     totals = {k: sum(p.bytes[k] for p in plans) for k in HOME_KINDS}
     for tier in TIER_ORDER:
@@ -158,6 +174,8 @@ def plan_placement(
     missing = [(p, k) for p in plans for k in HOME_KINDS if k not in p.home]
     if missing or left[Tier.DEVICE] < 0:
         raise PlanError(_shortfalls(missing, left, capacity, forced))
+    if any(left[t] < 0 for t in TIER_ORDER):  # the placement above never overdraws a tier
+        raise AssertionError(f"planner overdrew a tier: {left}")
 
     # What needs staging slots: weights and gradients crossing to and from the device, and optimizer
     # state streamed from NVMe (state on host or CXL is updated in place by the CPU).
@@ -176,14 +194,18 @@ def plan_placement(
         "from the machine profile" if profile is not None else "from built-in figures: run `tiertune probe`"
     )
     window = (biggest[Kind.PARAMS], depth + 1) if weights_from else (0, 0)
+    peaks = _peaks(plans, activation_bytes, staging, depth, budgets.device_is_host)
+    over = [t for t, n in peaks.items() if n > capacity[t]]
+    if over:  # the reservation covered the deepest window: a smaller one cannot exceed it
+        raise AssertionError(f"plan exceeds its budgets on {over}: {peaks} vs {capacity}")
     return Plan(
         plans,
         depth,
         window,
         staging,
-        _peaks(plans, activation_bytes, staging, depth, budgets.device_is_host),
+        peaks,
         dict(capacity),
-        _step_time(plans, profile or DEFAULT_PROFILE, tokens_per_step, budgets.device_is_host),
+        _step_time(plans, profile or FALLBACK_PROFILE, tokens_per_step, budgets.device_is_host),
         source,
     )
 

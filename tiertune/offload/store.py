@@ -15,7 +15,9 @@ import fcntl
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -50,19 +52,33 @@ class Extent:
 
 
 class PendingIO:
-    """An in-flight read or write; :meth:`wait` returns once every piece is done (and checked)."""
+    """An in-flight read or write; :meth:`wait` returns once every piece is done, and checked."""
 
-    def __init__(self, futures: list[Future[int]], on_done) -> None:
+    def __init__(self, futures: list[Future[int]], on_done: Callable[[list[int]], None]) -> None:
         self._futures, self._on_done = futures, on_done
+        self._finished = False
+        self._error: BaseException | None = None
 
     def wait(self) -> None:
-        if self._futures is not None:
-            crcs = [f.result() for f in self._futures]
-            self._futures = None
-            self._on_done(crcs)
+        """Block until every piece has finished (so the buffer is free again), then raise the first error
+        or the checksum mismatch, if any; every later call raises it again."""
+        if not self._finished:
+            futures_wait(self._futures)  # never leave pieces writing into a buffer the caller reuses
+            self._finished = True
+            try:
+                self._on_done([f.result() for f in self._futures])
+            except BaseException as e:
+                self._error = e
+        if self._error is not None:
+            raise self._error
 
-    def done(self) -> bool:
-        return self._futures is None or all(f.done() for f in self._futures)
+    def transferred(self) -> bool:
+        """Every piece has moved (not yet checked: :meth:`wait` checks)."""
+        return all(f.done() for f in self._futures)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 class NvmeStore:
@@ -77,14 +93,21 @@ class NvmeStore:
     ) -> None:
         if not dirs:
             raise StoreError("offload.nvme_dir names no directory")
+        if capacity_bytes <= 0:
+            raise ValueError(f"a store needs a capacity above 0 bytes, got {capacity_bytes}")
+        if block_bytes % ALIGN:
+            raise ValueError(f"block_bytes must be a multiple of {ALIGN} for O_DIRECT, got {block_bytes}")
         self.dirs = [Path(d) for d in dirs]
+        twice = {str(d) for d in self.dirs if self.dirs.count(d) > 1}
+        if twice:
+            raise StoreError(f"offload.nvme_dir lists {', '.join(sorted(twice))} more than once")
         self.ledger = ledger
         per_file = align_up(-(-capacity_bytes // len(self.dirs)), block_bytes)
         self.io = ThreadPoolIO(queue_depth, block_bytes)
         self._locks: list[IO[str]] = []
         self._fds: list[int] = []
         self.paths: list[Path] = []
-        self.direct = True
+        self.direct: list[bool] = []  # per file: O_DIRECT, or buffered where the filesystem refuses it
         try:
             for i, d in enumerate(self.dirs):
                 self._open_one(i, d, per_file)
@@ -95,6 +118,7 @@ class NvmeStore:
         self._next = [0] * len(self.dirs)  # bump pointer per file
         self._free: list[tuple[int, list[tuple[int, int, int]]]] = []  # (aligned bytes, stripes) for reuse
         self._used = 0
+        self._live: set[int] = set()  # ids of allocated extents
 
     def _open_one(self, index: int, directory: Path, nbytes: int) -> None:
         if not directory.is_dir():
@@ -114,7 +138,12 @@ class NvmeStore:
                 "its own offload.nvme_dir"
             ) from None
         self._locks.append(lock)
-        path = directory / f"tiertune-store-{os.getpid()}-{index}.bin"
+        # The lock makes this job the directory's only user: store files there are leftovers of a job that
+        # was killed, and would only eat the space this one needs.
+        for leftover in directory.glob("tiertune-store-*.bin"):
+            leftover.unlink(missing_ok=True)
+        path = directory / f"tiertune-store-{index}.bin"
+        direct = True
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
         except OSError as e:
@@ -125,8 +154,9 @@ class NvmeStore:
                 "(slower, and it fills the page cache)",
                 stacklevel=3,
             )
-            self.direct = False
+            direct = False
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.direct.append(direct)
         self._fds.append(fd)
         self.paths.append(path)
         try:
@@ -147,28 +177,32 @@ class NvmeStore:
                 del self._free[i]
                 return self._track(Extent(name, nbytes, stripes, kind))
         share = align_up(-(-aligned // len(self._fds)))
-        stripes, left = [], aligned
-        for f in range(len(self._fds)):
-            length = min(share, left)
-            if length == 0:
-                break
-            if self._next[f] + length > self.capacity // len(self._fds):
-                raise StoreError(
-                    f"the NVMe store is full: {name} needs {aligned / 2**20:.1f} MiB more than its "
-                    f"{self.capacity / 2**30:.2f} GiB hold; the planner sized it too small"
-                )
-            stripes.append((f, self._next[f], length))
-            self._next[f] += length
-            left -= length
+        lengths = [min(share, max(0, aligned - f * share)) for f in range(len(self._fds))]
+        per_file = self.capacity // len(self._fds)
+        if any(self._next[f] + n > per_file for f, n in enumerate(lengths)):
+            raise StoreError(
+                f"the NVMe store is full: {name} needs {_mib(aligned)} and the store has "
+                f"{_mib(self.capacity - self._used)} of {_mib(self.capacity)} unused, not in one "
+                "piece per drive; the plan sized it too small"
+            )
+        stripes = []
+        for f, length in enumerate(lengths):
+            if length:
+                stripes.append((f, self._next[f], length))
+                self._next[f] += length
         return self._track(Extent(name, nbytes, stripes, kind))
 
     def _track(self, extent: Extent) -> Extent:
+        self._live.add(id(extent))
         self._used += align_up(extent.nbytes)
         if self.ledger is not None:
             self.ledger.add(Tier.NVME, extent.kind, align_up(extent.nbytes))
         return extent
 
     def free(self, extent: Extent) -> None:
+        if id(extent) not in self._live:  # a second free would hand the same bytes to two extents
+            raise ValueError(f"{extent.name} is not allocated in this store (freed twice?)")
+        self._live.discard(id(extent))
         self._free.append((align_up(extent.nbytes), extent.stripes))
         self._used -= align_up(extent.nbytes)
         if self.ledger is not None:
@@ -187,7 +221,7 @@ class NvmeStore:
                 f"{extent.name}: the buffer holds fewer than the extent's {align_up(extent.nbytes)} "
                 "aligned bytes; use a pool slot"
             )
-        if self.direct and buffer.data_ptr() % ALIGN:
+        if buffer.data_ptr() % ALIGN:
             raise ValueError(f"{extent.name}: O_DIRECT needs a 4 KiB-aligned buffer; use a pool slot")
 
     def write(self, extent: Extent, buffer: torch.Tensor) -> PendingIO:
