@@ -112,11 +112,22 @@ def test_a_node_never_gets_more_than_its_free_memory(tmp_path):
 
 
 def _policy_of(buf):
-    """The kernel's NUMA policy for the mapping that starts at ``buf`` (from /proc/self/numa_maps)."""
-    start = f"{buf.data_ptr():x} "
-    maps = Path("/proc/self/numa_maps").read_text().splitlines()
-    (line,) = [line for line in maps if line.startswith(start)]
-    return line.split()[1]
+    """The kernel's NUMA policy for the mapping holding ``buf``. The kernel merges neighbouring mappings
+    with the same policy, so find the one containing the address in /proc/self/maps, then its line in
+    /proc/self/numa_maps (which lists mappings by start address)."""
+    addr = buf.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= addr < hi:
+            break
+    else:
+        raise AssertionError("the buffer is in no mapping")
+    (policy,) = [
+        line.split()[1]
+        for line in Path("/proc/self/numa_maps").read_text().splitlines()
+        if int(line.split()[0], 16) == lo
+    ]
+    return policy
 
 
 def test_binding_to_node_0_lands_every_page_there():
