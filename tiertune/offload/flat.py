@@ -1,0 +1,65 @@
+"""Flat blocks: each block's parameters of one dtype live in one flat, aligned buffer.
+
+The parameters stay the same ``nn.Parameter`` objects (so optimizers, hooks and tied weights keep
+working); their ``.data`` become views into the block's buffer. One copy, one I/O or one collective then
+moves a whole block, and one fused kernel can update it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tiertune.memory.numa import numa_empty
+from tiertune.memory.pool import align_up
+from tiertune.offload.blocks import Block, find_blocks
+
+
+@dataclass
+class FlatParams:
+    block: str
+    buffer: torch.Tensor  # 1-D, ``dtype``; on the CPU it starts on a 4 KiB boundary (O_DIRECT-ready)
+    names: list[str]
+    offsets: list[int]  # element offset of each parameter in ``buffer``
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+
+def _flat_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        raw = numa_empty(align_up(numel * dtype.itemsize))
+        return raw.view(dtype)[:numel]
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def flatten_params(block: str, params: dict[str, nn.Parameter]) -> FlatParams:
+    """Move ``params`` (one dtype, one device) into one buffer and point each parameter at its slice."""
+    first = next(iter(params.values()))
+    if any(p.dtype != first.dtype or p.device != first.device for p in params.values()):
+        raise ValueError(f"{block}: flatten one dtype and device at a time")
+    offsets, total = [], 0
+    for p in params.values():
+        offsets.append(total)
+        total += p.numel()
+    buffer = _flat_buffer(total, first.dtype, first.device)
+    with torch.no_grad():
+        for offset, p in zip(offsets, params.values()):
+            view = buffer[offset : offset + p.numel()].view(p.shape)
+            view.copy_(p.data)
+            p.data = view  # same Parameter object, new storage: optimizers and hooks are unaffected
+    return FlatParams(block, buffer, list(params), offsets)
+
+
+def flatten_blocks(model: nn.Module, blocks: list[Block] | None = None) -> list[FlatParams]:
+    """Flatten every block of ``model``: one buffer per block and parameter dtype."""
+    flats = []
+    for block in blocks if blocks is not None else find_blocks(model):
+        groups: dict[tuple[torch.dtype, torch.device], dict[str, nn.Parameter]] = {}
+        for name, p in block.params.items():  # tied parameters are owned (and flattened) once
+            groups.setdefault((p.dtype, p.device), {})[name] = p
+        flats += [flatten_params(block.name, params) for params in groups.values()]
+    return flats
