@@ -57,3 +57,21 @@ def test_tied_weights_stay_tied():
     flatten_blocks(model)
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_a_flat_block_goes_to_the_nvme_store_and_back_in_one_transfer(tmp_path):
+    from tiertune.offload import NvmeStore
+
+    model = build_model(ModelConfig(preset="tiny-llama"), seed=0).eval()
+    before = model(input_ids=IDS).logits
+    flats = flatten_blocks(model)
+    store = NvmeStore([tmp_path], sum(f.slot.numel() for f in flats))
+    extents = [store.allocate(f.block, f.nbytes) for f in flats]
+    for f, e in zip(flats, extents):
+        store.write(e, f.slot).wait()
+        f.buffer.fill_(float("nan"))  # the blocks' weights are gone from memory ...
+    assert torch.isnan(model(input_ids=IDS).logits).all()
+    for f, e in zip(flats, extents):
+        store.read(e, f.slot).wait()  # ... and back, one read per block
+    assert torch.equal(model(input_ids=IDS).logits, before)
+    store.close()

@@ -21,6 +21,7 @@ from tiertune.offload.blocks import Block, find_blocks
 class FlatParams:
     block: str
     buffer: torch.Tensor  # 1-D, ``dtype``; on the CPU it starts on a 4 KiB boundary (O_DIRECT-ready)
+    slot: torch.Tensor  # the same memory as uint8, padded to whole 4 KiB: what a file transfer moves
     names: list[str]
     offsets: list[int]  # element offset of each parameter in ``buffer``
 
@@ -29,11 +30,13 @@ class FlatParams:
         return self.buffer.numel() * self.buffer.element_size()
 
 
-def _flat_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        raw = numa_empty(align_up(numel * dtype.itemsize))
-        return raw.view(dtype)[:numel]
-    return torch.empty(numel, dtype=dtype, device=device)
+def _flat_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the typed buffer, its whole 4 KiB-padded memory as uint8)."""
+    nbytes = align_up(numel * dtype.itemsize)
+    raw = (
+        numa_empty(nbytes) if device.type == "cpu" else torch.empty(nbytes, dtype=torch.uint8, device=device)
+    )
+    return raw.view(dtype)[:numel], raw
 
 
 def flatten_params(block: str, params: dict[str, nn.Parameter]) -> FlatParams:
@@ -45,13 +48,13 @@ def flatten_params(block: str, params: dict[str, nn.Parameter]) -> FlatParams:
     for p in params.values():
         offsets.append(total)
         total += p.numel()
-    buffer = _flat_buffer(total, first.dtype, first.device)
+    buffer, slot = _flat_buffer(total, first.dtype, first.device)
     with torch.no_grad():
         for offset, p in zip(offsets, params.values()):
             view = buffer[offset : offset + p.numel()].view(p.shape)
             view.copy_(p.data)
             p.data = view  # same Parameter object, new storage: optimizers and hooks are unaffected
-    return FlatParams(block, buffer, list(params), offsets)
+    return FlatParams(block, buffer, slot, list(params), offsets)
 
 
 def flatten_blocks(model: nn.Module, blocks: list[Block] | None = None) -> list[FlatParams]:
