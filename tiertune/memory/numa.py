@@ -21,6 +21,13 @@ from tiertune.errors import ConfigError
 
 SYSFS_NODES = Path("/sys/devices/system/node")
 PAGE = mmap.PAGESIZE
+ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the device's logical block
+
+
+def align_up(nbytes: int, alignment: int = ALIGN) -> int:
+    """``nbytes`` rounded up to a multiple of ``alignment``."""
+    return -(-nbytes // alignment) * alignment
+
 
 # System call numbers: x86_64 has its own table, arm64 uses the generic one.
 _SYSCALLS = {"x86_64": {"mbind": 237, "move_pages": 279}, "aarch64": {"mbind": 235, "move_pages": 239}}
@@ -113,7 +120,7 @@ def bind_pages(buffer: torch.Tensor, nodes: list[int], interleave: bool = False)
     for node in nodes:
         mask[node // 64] |= 1 << (node % 64)
     mode = _MPOL_INTERLEAVE if interleave else _MPOL_BIND
-    length = -(-nbytes // PAGE) * PAGE
+    length = align_up(nbytes, PAGE)
     # maxnode counts bits; the kernel drops the last one (a historical off-by-one), hence the +1.
     rc = _libc().syscall(
         _syscall("mbind"),
@@ -149,7 +156,7 @@ def numa_empty(nbytes: int, nodes: list[int] | None = None, interleave: bool = F
     The memory comes from an anonymous mmap, so it is page-aligned (O_DIRECT-ready) and untouched until
     bound; it is zero-filled after binding so every page is allocated where the binding says.
     """
-    length = max(PAGE, -(-nbytes // PAGE) * PAGE)
+    length = max(PAGE, align_up(nbytes, PAGE))
     region = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     tensor = torch.frombuffer(region, dtype=torch.uint8)  # keeps ``region`` alive
     if nodes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tiertune.errors import ConfigError
-from tiertune.memory.numa import PAGE, NumaNode
+from tiertune.memory.numa import PAGE, NumaNode, align_up
 from tiertune.memory.tiers import Kind, Tier
 
 CPU_KINDS = frozenset({Kind.OPTIMIZER, Kind.GRADS})  # the CPU optimizer reads and writes these
@@ -34,10 +34,6 @@ class HostPlacement:
         return {node_tier[node] for node, _ in self.stripes[name]}
 
 
-def _pages(nbytes: int) -> int:
-    return -(-nbytes // PAGE) * PAGE
-
-
 def place_host_bytes(
     requests: list[Request], dram: list[NumaNode], cxl: list[NumaNode], dram_budget: int, cxl_budget: int
 ) -> HostPlacement:
@@ -55,7 +51,7 @@ def place_host_bytes(
     }
     nodes = {Tier.HOST: dram, Tier.CXL: cxl}
     out = HostPlacement()
-    pending = {r.name: _pages(r.nbytes) for r in requests}
+    pending = {r.name: align_up(r.nbytes, PAGE) for r in requests}
 
     def fill(request: Request, tier: Tier, stripe: bool) -> None:
         """Give ``request`` what ``tier`` can: one node at a time (most room first), or striped evenly."""
@@ -65,7 +61,7 @@ def place_host_bytes(
             if not candidates:
                 return
             if stripe:
-                share = _pages(-(-need // len(candidates)))
+                share = align_up(-(-need // len(candidates)), PAGE)
             else:
                 candidates, share = [max(candidates, key=lambda n: room[n.id])], need
             for node in candidates:
@@ -96,7 +92,7 @@ def place_host_bytes(
     short = sum(pending.values())
     if short:
         gib = 2**30
-        need = sum(_pages(r.nbytes) for r in requests)
+        need = sum(align_up(r.nbytes, PAGE) for r in requests)
         raise ConfigError(
             [
                 f"host memory is short by {short / gib:.2f} GiB: the job needs {need / gib:.2f} GiB on "

@@ -18,14 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from tiertune.memory.ledger import Ledger
-from tiertune.memory.numa import numa_empty
+from tiertune.memory.numa import ALIGN, align_up, numa_empty
 from tiertune.memory.tiers import Kind, Tier
-
-ALIGN = 4096  # O_DIRECT wants offsets, lengths and addresses aligned to the device's logical block
-
-
-def align_up(nbytes: int, alignment: int = ALIGN) -> int:
-    return -(-nbytes // alignment) * alignment
 
 
 class PoolExhausted(RuntimeError):
