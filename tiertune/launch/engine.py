@@ -154,10 +154,11 @@ def build_engine(
                 "in this release (`tiertune plan` shows the placement it would use); set auto or device"
             ]
         )
-    if budgets is not None and resident_bytes(model) > budgets.device:
+    needed = resident_bytes(model)
+    if budgets is not None and needed > budgets.device:
         raise ConfigError(
             [
-                f"memory.device_budget_gib: training this model resident needs {resident_bytes(model) / 2**30:.2f} GiB "
+                f"memory.device_budget_gib: training this model resident needs {needed / 2**30:.2f} GiB "
                 f"(weights, gradients, AdamW moments) but the device budget is {budgets.device / 2**30:.2f} GiB; "
                 "raise the budget, or train fewer weights (tuning.method=lora)"
             ]
