@@ -113,6 +113,7 @@ def test_a_job_that_cannot_write_its_checkpoint_stops_cleanly_and_keeps_the_last
             f"output_dir={tmp_path}",
             "train.max_steps=4",
             "train.checkpoint_every=2",
+            "offload.optimizer=auto",  # as the first run: no NVMe store (the default job has one)
         ],
         cwd=REPO,
         capture_output=True,

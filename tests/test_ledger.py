@@ -56,19 +56,20 @@ def test_every_metrics_row_and_the_summary_carry_the_ledger(tmp_path):
 
 
 def test_a_device_budget_too_small_for_the_job_is_refused_before_training(tmp_path):
-    with pytest.raises(ConfigError, match=r"needs 0.05 GiB .* budget is 0.01 GiB.*tuning.method=lora"):
+    with pytest.raises(ConfigError, match=r"device_budget_gib is short by [0-9.]+ MiB .*activations"):
         run(fast_config(tmp_path, "memory.device_budget_gib=0.01"))
     assert not (tmp_path / "metrics.jsonl").exists()
     summary = run(
         fast_config(
-            tmp_path / "lora", "memory.device_budget_gib=0.02", "tuning.method=lora", "train.max_steps=2"
+            tmp_path / "lora", "memory.device_budget_gib=0.05", "tuning.method=lora", "train.max_steps=2"
         )
     )
     assert summary.steps == 2
 
 
-def test_training_refuses_placements_the_resident_engine_cannot_honour(tmp_path):
-    with pytest.raises(
-        ConfigError, match="offload.optimizer=nvme: training with state outside the device tier"
-    ):
-        run(fast_config(tmp_path, "offload.optimizer=nvme"))
+def test_forced_placements_are_followed_and_gradients_stay_in_memory(tmp_path):
+    summary = run(fast_config(tmp_path, "offload.optimizer=nvme", "train.max_steps=2"))
+    assert summary.memory["bytes"]["nvme"]["optimizer"] >= 2 * 4 * summary.trainable_params
+    assert "optimizer" not in summary.memory["bytes"]["device"]
+    with pytest.raises(ConfigError, match="offload.grads=nvme: gradients are summed every micro-batch"):
+        run(fast_config(tmp_path / "grads", "offload.grads=nvme"))

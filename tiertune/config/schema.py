@@ -117,6 +117,9 @@ class TrainConfig:
         "fp32", "compute dtype; bf16 keeps fp32 master weights and runs matmuls in bf16"
     )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available, else cpu")
+    activation_checkpointing: bool = opt(
+        False, "keep only each decoder layer's input and recompute the rest in backward (less memory)"
+    )
     checkpoint_every: int = opt(
         100, "save a checkpoint every N steps and at the end; 0 saves none", _non_negative
     )

@@ -1,6 +1,6 @@
 """The ``tiertune`` command line.
 
-    tiertune train [CONFIG] [key=value ...]     run a job (no CONFIG: the embedded default)
+    tiertune train [CONFIG] [key=value ...]     run a job (no CONFIG: the embedded default job)
     tiertune validate CONFIG [key=value ...]    check a config without running it
     tiertune keys                               every config key with its default and meaning
     tiertune presets                            the built-in models and their training-state sizes
@@ -23,11 +23,16 @@ from tiertune.errors import TiertuneError
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
+# The embedded default job: the config's defaults (tiny-llama on the built-in dataset), with the optimizer
+# state on an NVMe store in a directory of the run that is deleted when it ends, to show the tiers at work.
+DEFAULT_JOB = ("offload.optimizer=nvme",)
+
+
 def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG] [k=v ...]`` -> (config path or None, overrides)."""
+    """``[CONFIG] [k=v ...]`` -> (config path or None, overrides); no CONFIG means the default job."""
     if args and "=" not in args[0]:
         return args[0], list(args[1:])
-    return None, list(args)
+    return None, [*DEFAULT_JOB, *args]
 
 
 def _positive_int(text: str) -> int:

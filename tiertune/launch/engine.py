@@ -9,6 +9,8 @@ parts, chosen in :func:`build_engine`, so new placements and updaters plug in wi
 from __future__ import annotations
 
 import contextlib
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -20,8 +22,15 @@ from torch import nn
 from tiertune.config import JobConfig
 from tiertune.errors import CheckpointError, ConfigError
 from tiertune.launch.data import IGNORE_INDEX
-from tiertune.memory import Budgets, Kind, Ledger, Tier
+from tiertune.launch.plan import nvme_dirs, nvme_free_bytes, plan_model
+from tiertune.launch.progress import say
+from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
+from tiertune.offload import find_blocks
+from tiertune.offload.planner import Plan
+from tiertune.offload.store import NvmeStore
+from tiertune.offload.streaming import BlockStreamer
 from tiertune.optim import StepReport, TorchAdamWUpdater
+from tiertune.optim.blockwise import BlockAdamW
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -112,12 +121,7 @@ class TrainEngine:
     def load(self, directory: Path) -> None:
         tensors = load_file(str(directory / TRAINABLE_FILE))
         params = self.trainable()
-        if set(tensors) != set(params):
-            missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-            raise CheckpointError(
-                f"checkpoint {directory} does not hold this job's trainable weights "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}); was it written by a different job?"
-            )
+        _check_names(directory, tensors, set(params))
         with torch.no_grad():
             for name, p in params.items():
                 if tensors[name].shape != p.shape:
@@ -128,13 +132,106 @@ class TrainEngine:
                 p.copy_(tensors[name])
         self.updater.load(directory)
 
+    def close(self) -> None:
+        """Release what the engine holds outside the model (nothing, when everything is resident)."""
 
-def resident_bytes(model: nn.Module) -> int:
-    """What training ``model`` resident needs, before activations: its weights, plus a gradient and two
-    fp32 AdamW moments per trainable parameter."""
-    weights = sum(p.nbytes for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return weights + sum(p.nbytes for p in trainable) + sum(2 * 4 * p.numel() for p in trainable)
+
+class StreamingEngine(TrainEngine):
+    """Weights, gradients and optimizer state in the homes a :class:`Plan` gave them (see
+    :mod:`tiertune.offload.streaming` and :mod:`tiertune.optim.blockwise`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        streamer: BlockStreamer,
+        updater: BlockAdamW,
+        device: torch.device,
+        dtype: str,
+        ledger: Ledger,
+        store: NvmeStore | None,
+        plan: Plan,
+        cleanup: Callable[[], None] | None = None,
+    ) -> None:
+        self.streamer, self.store, self.plan, self._cleanup = streamer, store, plan, cleanup
+        self._closed = False
+        super().__init__(model, updater, device, dtype, ledger)
+
+    def _account(self) -> None:
+        """The streamer, the updater, the pools and the store report their bytes as they take them."""
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super()._loss_sum(batch)
+        with self.streamer.saved_tensors():
+            return super()._loss_sum(batch)
+
+    def forward_backward(self, batch: dict[str, torch.Tensor], step_targets: int) -> float:
+        self.model.train()
+        loss_sum = self._loss_sum(batch)
+        self.streamer.backward = True
+        try:
+            (loss_sum / step_targets).backward()
+        finally:
+            self.streamer.backward = False
+        return float(loss_sum.detach())
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trainable weight as a CPU tensor, read from its home block by block."""
+        self.streamer.drain()
+        out = {}
+        for f in self.streamer.flats:
+            if not f.trainable:
+                continue
+            data = self.streamer.resident(f)
+            for name, offset, p in zip(f.flat.names, f.flat.offsets, f.params):
+                out[name] = data[offset : offset + p.numel()].view(p.shape).to("cpu", copy=True)
+        return out
+
+    def save(self, directory: Path) -> None:
+        save_file(self.trainable_tensors(), str(directory / TRAINABLE_FILE))
+        self.updater.save(directory)
+        if self.store is not None:
+            self.store.sync()
+
+    def load(self, directory: Path) -> None:
+        tensors = load_file(str(directory / TRAINABLE_FILE))
+        names = {n for f in self.streamer.flats if f.trainable for n in f.flat.names}
+        _check_names(directory, tensors, names)
+        for f in self.streamer.flats:
+            if not f.trainable:
+                continue
+            data = self.streamer.resident(f)
+            for name, offset, p in zip(f.flat.names, f.flat.offsets, f.params):
+                if tensors[name].shape != p.shape:
+                    raise CheckpointError(
+                        f"checkpoint {directory}: {name} has shape {tuple(tensors[name].shape)}, "
+                        f"the model {tuple(p.shape)}"
+                    )
+                data[offset : offset + p.numel()].copy_(tensors[name].reshape(-1))
+            self.streamer.writeback(f)
+        self.streamer.drain()
+        self.updater.load(directory)
+
+    def close(self) -> None:
+        """Remove the hooks, bring the weights back into the model, delete the store's files (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.streamer.close()
+        self.updater.close()
+        if self.store is not None:
+            self.store.close()
+        if self._cleanup is not None:
+            self._cleanup()
+
+
+def _check_names(directory: Path, tensors: dict[str, torch.Tensor], names: set[str]) -> None:
+    if set(tensors) != names:
+        missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
+        raise CheckpointError(
+            f"checkpoint {directory} does not hold this job's trainable weights "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); was it written by a different job?"
+        )
 
 
 def build_engine(
@@ -143,26 +240,113 @@ def build_engine(
     device: torch.device,
     budgets: Budgets | None = None,
     ledger: Ledger | None = None,
+    store_dir: Path | None = None,
 ) -> TrainEngine:
-    """Place the model and pick its updater: everything resident on ``device``, torch AdamW."""
-    pinned = {k: getattr(cfg.offload, k) for k in ("params", "grads", "optimizer")}
-    away = [f"offload.{k}={v}" for k, v in pinned.items() if v not in ("auto", "device")]
-    if away:
-        raise ConfigError(
-            [
-                f"{', '.join(away)}: training with state outside the device tier is not available "
-                "in this release (`tiertune plan` shows the placement it would use); set auto or device"
-            ]
+    """Plan the job and build the engine that follows the plan.
+
+    Everything at home on the device (and no ``offload.*`` set): the model stays as it is and torch's
+    AdamW updates it. Otherwise the weights go into flat blocks in their homes, streamed through a window
+    on the device, and :class:`BlockAdamW` updates each block where its state lives. NVMe homes go into a
+    store in ``offload.nvme_dir``, else in ``store_dir`` (made for the run and deleted after it).
+    """
+    ledger = ledger or Ledger()
+    budgets = budgets or resolve_budgets(cfg.memory, device)
+    forced = any(getattr(cfg.offload, k) != "auto" for k in ("params", "grads", "optimizer"))
+    plan = plan_model(cfg, model, budgets, _store_room(cfg, store_dir))
+    everything_home = all(b.home[k] is Tier.DEVICE for b in plan.blocks for k in b.home)
+    if everything_home and not forced:
+        model.to(device)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return TrainEngine(model, TorchAdamWUpdater(named, cfg.optim), device, cfg.train.dtype, ledger)
+    return _streaming_engine(cfg, model, device, budgets, ledger, plan, store_dir)
+
+
+def _store_room(cfg: JobConfig, store_dir: Path | None) -> int:
+    if cfg.offload.nvme_dir:
+        return nvme_free_bytes(nvme_dirs(cfg))
+    return nvme_free_bytes([store_dir]) if store_dir is not None else 0
+
+
+def _streaming_engine(
+    cfg: JobConfig,
+    model: nn.Module,
+    device: torch.device,
+    budgets: Budgets,
+    ledger: Ledger,
+    plan: Plan,
+    store_dir: Path | None,
+) -> StreamingEngine:
+    params = {b.name: b.home[Kind.PARAMS] for b in plan.blocks}
+    optim = {b.name: b.home[Kind.OPTIMIZER] for b in plan.blocks if b.trainable}
+    grads = {b.home[Kind.GRADS] for b in plan.blocks if b.trainable}
+    problems = []
+    host_side = {Tier.DEVICE} if device.type == "cpu" else {Tier.HOST, Tier.CXL}
+    if not grads <= host_side:
+        where = ", ".join(sorted(t.value for t in grads - host_side))
+        problems.append(
+            f"the plan puts gradients on {where}; this release keeps them in "
+            f"{'host memory' if device.type == 'cpu' else 'host or CXL memory'}: raise "
+            "memory.host_budget_gib, or set offload.grads to host"
         )
-    needed = resident_bytes(model)
-    if budgets is not None and needed > budgets.device:
-        raise ConfigError(
-            [
-                f"memory.device_budget_gib: training this model resident needs {needed / 2**30:.2f} GiB "
-                f"(weights, gradients, AdamW moments) but the device budget is {budgets.device / 2**30:.2f} GiB; "
-                "raise the budget, or train fewer weights (tuning.method=lora)"
-            ]
+    if device.type == "cuda" and (Tier.NVME in params.values() or Tier.DEVICE in optim.values()):
+        problems.append(
+            "on a CUDA device this release streams weights from host or CXL memory (not NVMe) and keeps "
+            "the optimizer state off the device: set offload.params to host and offload.optimizer to "
+            "host or nvme"
         )
-    model.to(device)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return TrainEngine(model, TorchAdamWUpdater(named, cfg.optim), device, cfg.train.dtype, ledger)
+    if problems:
+        raise ConfigError(problems)
+    store, cleanup = None, None
+    nvme_bytes = sum(b.bytes[k] for b in plan.blocks for k in b.home if b.home[k] is Tier.NVME)
+    if nvme_bytes:
+        if cfg.offload.nvme_dir:
+            dirs = [Path(d) for d in cfg.offload.nvme_dir]
+        else:
+            if store_dir is None:
+                raise ConfigError(
+                    ["offload: state on NVMe needs offload.nvme_dir (a directory on a fast drive)"]
+                )
+            store_dir.mkdir(parents=True, exist_ok=True)
+            dirs = [store_dir]
+            cleanup = lambda: shutil.rmtree(store_dir, ignore_errors=True)  # noqa: E731
+        # Extents are rounded to 4 KiB per flat and per optimizer chunk: leave room for that rounding.
+        slack = 4096 * (4 * len(plan.blocks) + nvme_bytes // (64 * 2**20) + 16)
+        store = NvmeStore(dirs, nvme_bytes + slack, ledger=ledger)
+    try:
+        blocks = find_blocks(model)
+        streamer = BlockStreamer(
+            model,
+            blocks,
+            params,
+            device,
+            depth=plan.prefetch_depth,
+            store=store,
+            ledger=ledger,
+            home_nodes={Tier.CXL: list(budgets.cxl_nodes)},
+        )
+        updater = BlockAdamW(streamer, cfg.optim, optim, next(iter(grads)), store=store, ledger=ledger)
+    except BaseException:
+        if store is not None:
+            store.close()
+        if cleanup is not None:
+            cleanup()
+        raise
+    say(_describe(plan, store, temporary=cleanup is not None))
+    return StreamingEngine(model, streamer, updater, device, cfg.train.dtype, ledger, store, plan, cleanup)
+
+
+def _describe(plan: Plan, store: NvmeStore | None, temporary: bool) -> str:
+    """One line: where each kind of state lives, and the store."""
+    parts = []
+    for kind in (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER):
+        per_tier: dict[Tier, int] = {}
+        for b in plan.blocks:
+            if b.bytes[kind]:
+                per_tier[b.home[kind]] = per_tier.get(b.home[kind], 0) + b.bytes[kind]
+        where = " + ".join(f"{format_bytes(n)} {t.value}" for t, n in per_tier.items())
+        parts.append(f"{kind.value} {where}")
+    line = "state: " + ", ".join(parts)
+    if store is not None:
+        dirs = ", ".join(str(d) for d in store.dirs)
+        line += f"; NVMe store in {dirs}" + (" (deleted when the run ends)" if temporary else "")
+    return line

@@ -112,8 +112,31 @@ def _run(
     check_vocab(model, tokenizer)
     method = get_method(cfg.tuning.method)
     model = method.apply(model, cfg.tuning)
+    if cfg.train.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     budgets = resolve_budgets(cfg.memory, device)
-    engine = build_engine(cfg, model, device, budgets)
+    engine = build_engine(cfg, model, device, budgets, store_dir=out / "nvme-store")
+    try:
+        return _train(
+            cfg, out, engine, model, tokenizer, method, budgets, device, resume_from, callbacks, started
+        )
+    finally:
+        engine.close()  # hooks off, store files deleted: also when training fails
+
+
+def _train(
+    cfg: JobConfig,
+    out: Path,
+    engine: TrainEngine,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    method: Any,
+    budgets: Budgets,
+    device: torch.device,
+    resume_from: Checkpoint | None,
+    callbacks: Sequence[StepCallback],
+    started: float,
+) -> Summary:
     splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
     fingerprints = {"training data": splits.fingerprint(), **weights_fingerprint(cfg.model)}
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
@@ -158,6 +181,7 @@ def _run(
         if cfg.train.eval_exact_match_samples
         else None
     )
+    engine.close()  # the model holds all its weights again, for the export
     export_dir = out / "final"
     try:
         method.export(engine.model, tokenizer, export_dir)

@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tiertune.config import JobConfig
 from tiertune.errors import ConfigError
 from tiertune.launch.models import build_model, hf_config
 from tiertune.launch.rundir import RUNS_ROOT
-from tiertune.memory import Kind, Tier, format_bytes, resolve_budgets
+from tiertune.memory import Budgets, Kind, Tier, format_bytes, resolve_budgets
 from tiertune.memory.profile import DEFAULT_PROFILE, MachineProfile
 from tiertune.offload import find_blocks
 from tiertune.offload.planner import BlockShape, Plan, activation_bytes_estimate, plan_placement
@@ -48,6 +49,12 @@ def plan_job(cfg: JobConfig) -> Plan:
     model = get_method(cfg.tuning.method).apply(
         build_model(cfg.model, seed=cfg.train.seed, device="meta"), cfg.tuning
     )
+    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    return plan_model(cfg, model, resolve_budgets(cfg.memory, device), nvme_free_bytes(nvme_dirs(cfg)))
+
+
+def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: int) -> Plan:
+    """Plan ``model`` (on any device, meta included) for ``cfg`` under ``budgets``."""
     shapes = [
         BlockShape(b.name, b.kind, b.numel, sum(p.numel() for p in b.params.values() if p.requires_grad))
         for b in find_blocks(model)
@@ -56,9 +63,11 @@ def plan_job(cfg: JobConfig) -> Plan:
     hidden = getattr(hf, "hidden_size", None) or hf.n_embd
     layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
     ffn = getattr(hf, "intermediate_size", None) or 4 * hidden
+    # Weights are kept, moved and updated in their own dtype (fp32: bf16 runs under autocast with the
+    # fp32 weights as masters); activations are saved in the compute dtype.
+    weight_bytes = next(model.parameters()).element_size()
     compute_bytes = 2 if cfg.train.dtype == "bf16" else 4
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     profile_path = Path(cfg.offload.machine_profile) if cfg.offload.machine_profile else DEFAULT_PROFILE
     profile = (
         MachineProfile.load(profile_path) if (cfg.offload.machine_profile or profile_path.exists()) else None
@@ -70,9 +79,9 @@ def plan_job(cfg: JobConfig) -> Plan:
     depth = cfg.offload.prefetch_depth
     return plan_placement(
         shapes,
-        resolve_budgets(cfg.memory, device),
-        nvme_free_bytes(nvme_dirs(cfg)),
-        compute_bytes=compute_bytes,
+        budgets,
+        nvme_bytes,
+        compute_bytes=weight_bytes,
         activation_bytes=activation_bytes_estimate(hidden, layers, ffn, hf.vocab_size, tokens, compute_bytes),
         tokens_per_step=tokens * cfg.train.grad_accum_steps,
         forced=forced,

@@ -73,6 +73,11 @@ PRESETS: dict[str, Preset] = {
         "3M-parameter GPT-2 (learned positions, fused qkv) for tests",
         _tiny(n_embd=256, n_layer=4, n_head=4, n_positions=1024, vocab_size=BYTE_VOCAB_SIZE),
     ),
+    "small-llama": Preset(
+        "llama",
+        "25M-parameter Llama: the tens-of-millions model of the offload equivalence tests",
+        _tiny(**_llama(512, 8, 8, 2, 1376, BYTE_VOCAB_SIZE, 1024)),
+    ),
     "llama-1b": Preset(
         "llama", "Llama 3.2 1B shape", _llama(2048, 16, 32, 8, 8192, 128256, 131072, 500000.0, tie=True)
     ),

@@ -8,9 +8,9 @@ step time; or a :class:`PlanError` saying which budget is short and by how much.
 Policy, fastest tier first. The device always holds the working window (the blocks being computed and
 prefetched) and the activations; the rest of it goes to the smallest kind first (with full tuning the
 weights, each of which crosses the bus twice a step when homed elsewhere; with adapters, their gradients
-and optimizer state). Host DRAM takes optimizer
-state first (the CPU update runs there), then gradients, then weights; CXL takes weights first (copies
-run at nearly full speed from CXL, CPU updates do not); NVMe takes what is left.
+and optimizer state). Host DRAM takes gradients first (they are summed every micro-batch, so only memory
+holds them), then optimizer state (the CPU update runs there), then weights; CXL takes weights first
+(copies run at nearly full speed from CXL, CPU updates do not); NVMe takes optimizer state and weights.
 """
 
 from __future__ import annotations
@@ -23,14 +23,18 @@ from tiertune.memory.budgets import Budgets
 from tiertune.memory.pool import align_up
 from tiertune.memory.profile import MachineProfile
 from tiertune.memory.tiers import Kind, Tier
+from tiertune.memory.usage import format_bytes
 
 HOME_KINDS = (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER)
 TIER_ORDER = (Tier.DEVICE, Tier.HOST, Tier.CXL, Tier.NVME)
 _PRIORITY = {
-    Tier.HOST: (Kind.OPTIMIZER, Kind.GRADS, Kind.PARAMS),
+    Tier.HOST: (Kind.GRADS, Kind.OPTIMIZER, Kind.PARAMS),  # gradients first: only memory can hold them
     Tier.CXL: (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER),
-    Tier.NVME: (Kind.OPTIMIZER, Kind.PARAMS, Kind.GRADS),
+    Tier.NVME: (Kind.OPTIMIZER, Kind.PARAMS),  # gradients stay in memory: they are summed every micro-batch
 }
+# Weight slots in the window: the block computing, ``depth`` blocks in flight, and the block just finished
+# (its backward may still read its weights while the next block is fetched).
+WINDOW_EXTRA = 2
 OPTIMIZER_CHUNK_BYTES = 128 * 2**20  # NVMe optimizer state streams through the update in chunks this big
 CXL_CPU_SLOWDOWN = 4.0  # CPU Adam on CXL-resident state vs local DRAM, for tensors past ~20M elements
 
@@ -124,6 +128,13 @@ def plan_placement(
     ``forced`` pins a kind to one tier (None: auto); ``prefetch_depth`` None chooses it from the tiers the
     weights stream from. ``activation_bytes`` is what the forward pass saves for backward, all layers.
     """
+    if forced[Kind.GRADS] is Tier.NVME:
+        raise PlanError(
+            [
+                "offload.grads=nvme: gradients are summed every micro-batch, so they stay in memory; "
+                "set offload.grads to auto, device, host or cxl"
+            ]
+        )
     plans = [BlockPlan(b.name, b.kind, b.numel, b.trainable, block_bytes(b, compute_bytes)) for b in blocks]
     if budgets.device_is_host:  # without an accelerator the device tier is the host: 'host' means it
         forced = {k: Tier.DEVICE if t is Tier.HOST else t for k, t in forced.items()}
@@ -147,7 +158,7 @@ def plan_placement(
     left = dict(capacity)
     left[Tier.DEVICE] -= activation_bytes
     if Kind.PARAMS in may_move:
-        left[Tier.DEVICE] -= (most_depth + 1) * biggest[Kind.PARAMS]
+        left[Tier.DEVICE] -= (most_depth + WINDOW_EXTRA) * biggest[Kind.PARAMS]
     if Kind.GRADS in may_move:
         left[Tier.DEVICE] -= biggest[Kind.PARAMS]  # the block's gradients in the compute dtype, leaving
     staging_home = Tier.DEVICE if budgets.device_is_host else Tier.HOST
@@ -164,7 +175,7 @@ def plan_placement(
 
     totals = {k: sum(p.bytes[k] for p in plans) for k in HOME_KINDS}
     for tier in TIER_ORDER:
-        for kind in _order(tier, totals):
+        for kind in _order(tier, totals, budgets.device_is_host):
             if forced[kind] not in (None, tier):
                 continue
             for p in plans:
@@ -173,7 +184,7 @@ def plan_placement(
                     left[tier] -= p.bytes[kind]
     missing = [(p, k) for p in plans for k in HOME_KINDS if k not in p.home]
     if missing or left[Tier.DEVICE] < 0:
-        raise PlanError(_shortfalls(missing, left, capacity, forced))
+        raise PlanError(_shortfalls(missing, left, capacity, forced, budgets.device_is_host))
     if any(left[t] < 0 for t in TIER_ORDER):  # the placement above never overdraws a tier
         raise AssertionError(f"planner overdrew a tier: {left}")
 
@@ -193,7 +204,7 @@ def plan_placement(
     source = (
         "from the machine profile" if profile is not None else "from built-in figures: run `tiertune probe`"
     )
-    window = (biggest[Kind.PARAMS], depth + 1) if weights_from else (0, 0)
+    window = (biggest[Kind.PARAMS], depth + WINDOW_EXTRA) if weights_from else (0, 0)
     peaks = _peaks(plans, activation_bytes, staging, depth, budgets.device_is_host)
     over = [t for t, n in peaks.items() if n > capacity[t]]
     if over:  # the reservation covered the deepest window: a smaller one cannot exceed it
@@ -210,10 +221,15 @@ def plan_placement(
     )
 
 
-def _order(tier: Tier, totals: dict[Kind, int]) -> tuple[Kind, ...]:
-    """The order in which kinds claim ``tier``. On the device the smallest kind first: with full tuning that
-    is the weights (2-4 bytes a parameter against 4 for gradients and 8-12 for optimizer state); with
-    adapters it is their few gradients and moments, so the whole update stays on the device."""
+def _order(tier: Tier, totals: dict[Kind, int], device_is_host: bool) -> tuple[Kind, ...]:
+    """The order in which kinds claim ``tier``. On an accelerator the smallest kind first: with full tuning
+    that is the weights (2-4 bytes a parameter against 4 for gradients and 8-12 for optimizer state); with
+    adapters it is their few gradients and moments, so the whole update stays on the device. Without one
+    (the device is host DRAM) gradients first: they are written every micro-batch and summed over the
+    accumulation, where weights on NVMe are read twice a step and written once, and optimizer state once
+    each way."""
+    if tier is Tier.DEVICE and device_is_host:
+        return (Kind.GRADS, Kind.PARAMS, Kind.OPTIMIZER)
     if tier is Tier.DEVICE:
         return tuple(sorted(HOME_KINDS, key=lambda k: totals[k]))
     return _PRIORITY[tier]
@@ -232,7 +248,7 @@ def _peaks(
     biggest = max(p.bytes[Kind.PARAMS] for p in plans)
     peak[Tier.DEVICE] += activation_bytes
     if any(p.home[Kind.PARAMS] is not Tier.DEVICE for p in plans):  # the window of weights in flight
-        peak[Tier.DEVICE] += (depth + 1) * biggest
+        peak[Tier.DEVICE] += (depth + WINDOW_EXTRA) * biggest
     if "grads" in staging:
         peak[Tier.DEVICE] += biggest
     peak[Tier.DEVICE if device_is_host else Tier.HOST] += sum(size * n for size, n in staging.values())
@@ -246,22 +262,35 @@ def _staging(
     gradients leaving (double buffered), optimizer state streaming (read j+1 | update j | write j-1).
     Without an accelerator the weights are computed on straight from their pool slots: the device window
     is those slots, so they are not counted twice."""
-    slots = {Kind.PARAMS: ("weights", depth + 1), Kind.GRADS: ("grads", 2), Kind.OPTIMIZER: ("optimizer", 3)}
-    if device_is_host:
-        moved = moved - {Kind.PARAMS}
+    slots = {
+        Kind.PARAMS: ("weights", depth + WINDOW_EXTRA),
+        Kind.GRADS: ("grads", 2),
+        Kind.OPTIMIZER: ("optimizer", 3),
+    }
+    if device_is_host:  # gradients are summed straight into their home: nothing to stage
+        moved = moved - {Kind.PARAMS, Kind.GRADS}
     size = {**biggest, Kind.OPTIMIZER: min(biggest[Kind.OPTIMIZER], OPTIMIZER_CHUNK_BYTES)}
     return {slots[k][0]: (align_up(size[k]), slots[k][1]) for k in HOME_KINDS if k in moved and size[k]}
 
 
 def _shortfalls(
-    missing: list, left: dict[Tier, int], capacity: dict[Tier, int], forced: dict[Kind, Tier | None]
+    missing: list,
+    left: dict[Tier, int],
+    capacity: dict[Tier, int],
+    forced: dict[Kind, Tier | None],
+    device_is_host: bool,
 ) -> list[str]:
-    gib = 2**30
     problems = []
     if left[Tier.DEVICE] < 0:  # nothing else can be judged before this is fixed
+        here = (
+            " (without an accelerator the device tier is host memory: memory.host_budget_gib sets it "
+            "unless memory.device_budget_gib is given)"
+            if device_is_host
+            else ""
+        )
         return [
-            f"memory.device_budget_gib is short by {-left[Tier.DEVICE] / gib:.2f} GiB just for the "
-            "activations and the blocks in flight; lower the batch or sequence length, or raise it"
+            f"memory.device_budget_gib is short by {format_bytes(-left[Tier.DEVICE])} just for the "
+            f"activations and the blocks in flight{here}; lower the batch or sequence length, or raise it"
         ]
     need: dict[Kind, int] = {}
     for p, k in missing:
@@ -270,14 +299,15 @@ def _shortfalls(
         if forced[kind] is not None:
             tier = forced[kind]
             problems.append(
-                f"offload.{kind.value}={tier.value}: {nbytes / gib:.2f} GiB of {kind.value} do not fit "
-                f"in the {tier.value} tier ({max(left[tier], 0) / gib:.2f} GiB left of "
-                f"{capacity[tier] / gib:.2f} GiB); raise its budget or choose another tier"
+                f"offload.{kind.value}={tier.value}: {format_bytes(nbytes)} of {kind.value} do not fit "
+                f"in the {tier.value} tier ({format_bytes(max(left[tier], 0))} left of "
+                f"{format_bytes(capacity[tier])}); raise its budget or choose another tier"
             )
         else:
-            tiers = ", ".join(f"{t.value} {capacity[t] / gib:.2f}" for t in TIER_ORDER if capacity[t] > 0)
+            tiers = ", ".join(f"{t.value} {format_bytes(capacity[t])}" for t in TIER_ORDER if capacity[t] > 0)
+            where = "memory" if kind is Kind.GRADS else "tier"
             problems.append(
-                f"{nbytes / gib:.2f} GiB of {kind.value} fit no tier: every budget is full ({tiers} GiB); "
+                f"{format_bytes(nbytes)} of {kind.value} fit no {where}: every budget is full ({tiers}); "
                 "raise a budget, add offload.nvme_dir space, or train fewer weights (tuning.method=lora)"
             )
     return problems

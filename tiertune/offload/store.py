@@ -162,6 +162,12 @@ class NvmeStore:
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as e:
+            if e.errno == errno.EFBIG:
+                raise StoreError(
+                    f"the NVMe store file in {str(directory)!r} would be {nbytes / 2**30:.2f} GiB, over "
+                    "this process's file size limit (ulimit -f) or the filesystem's largest file; raise "
+                    "the limit, or add directories to offload.nvme_dir to split the store"
+                ) from None
             free = shutil.disk_usage(directory).free
             raise StoreError(
                 f"the NVMe store needs {nbytes / 2**30:.2f} GiB in {str(directory)!r} but only "

@@ -1,0 +1,366 @@
+"""The block streamer: weights whose home is not the compute device come to it one block at a time.
+
+Every block's parameters live in flat buffers (one per dtype and trainability, see :mod:`flat`). A flat
+whose home is the device stays there. The others ("streamed") have a home elsewhere (host or CXL memory
+for a CUDA device, an NVMe extent) and a *window* of a few device slots they are computed from:
+
+- a forward pre-hook on each block's modules makes the block resident (starting its fetch if no prefetch
+  did, then waiting for it) and starts fetching the next ``depth`` blocks into free slots;
+- backward needs the weights again. Autograd saves views of them (``F.linear`` keeps ``weight.t()``,
+  whose memory is the slot, not the parameter), so a saved-tensor hook records any saved tensor that lies
+  in a slot as (flat, offset, shape, stride) and rebuilds it from wherever that flat is resident when the
+  backward unpacks it, fetching it first, and prefetching the blocks before it. A slot is therefore reused
+  freely without corrupting a saved view. Under activation checkpointing the recomputed forward runs the
+  same pre-hooks, in backward order;
+- a slot is taken back from the least recently needed flat when a fetch needs one. The flat's parameters
+  then point at a zero-memory NaN placeholder of their shape: autograd can still accumulate into them,
+  and any computation that used them by mistake would produce NaN, never a silently stale weight.
+
+Weights only change in the optimizer step, which writes them back to their home (:meth:`writeback`), so
+an evicted flat is simply dropped. Hooks are removable (:meth:`close`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tiertune.memory import Kind, Ledger, Tier
+from tiertune.memory.numa import align_up, numa_empty
+from tiertune.offload.blocks import Block
+from tiertune.offload.flat import FlatParams, flatten_params
+from tiertune.offload.planner import WINDOW_EXTRA
+from tiertune.offload.store import Extent, NvmeStore, PendingIO
+
+
+class StreamError(RuntimeError):
+    """The window cannot hold what one computation needs at once: a configuration the plan should forbid."""
+
+
+@dataclass(eq=False)
+class Flat:
+    """One flat buffer of a block at run time: where its home is, and whether the window holds it."""
+
+    index: int
+    block: int  # position of its block in forward order
+    flat: FlatParams
+    params: list[nn.Parameter]
+    home: Tier
+    extent: Extent | None = None  # the home, when it is NVMe
+    home_buffer: torch.Tensor | None = None  # the home (1-D, typed), when it is memory
+    slot: torch.Tensor | None = None  # the window slot (uint8) holding it, for streamed flats
+    pending: PendingIO | None = None  # a read into ``slot`` not yet waited for
+    copied: torch.cuda.Event | None = None  # a host-to-device copy into ``slot`` not yet waited for
+    writing: PendingIO | None = None  # a write of ``slot`` to the NVMe home not yet finished
+    last_use: int = 0
+    shapes: list[torch.Size] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+    numel: int = 0
+
+    @property
+    def streamed(self) -> bool:
+        return self.home is not Tier.DEVICE
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its slot: the flat's bytes rounded up to 4 KiB (what one O_DIRECT transfer moves)."""
+        return align_up(self.numel * self.dtype.itemsize)
+
+    @property
+    def trainable(self) -> bool:
+        return self.params[0].requires_grad
+
+
+class BlockStreamer:
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: list[Block],
+        homes: dict[str, Tier],
+        device: torch.device,
+        *,
+        depth: int,
+        store: NvmeStore | None,
+        ledger: Ledger,
+        home_nodes: dict[Tier, list[int]] | None = None,
+    ) -> None:
+        """``homes`` maps a block name to the home tier of its weights; ``depth`` blocks are fetched ahead."""
+        self.model, self.device, self.depth, self.store, self.ledger = model, device, depth, store, ledger
+        self.cuda = device.type == "cuda"
+        self.block_names = [b.name for b in blocks]
+        self.flats: list[Flat] = []
+        self._poison: dict[torch.dtype, torch.Tensor] = {}
+        self._clock = 0
+        self.backward = False  # set by the engine around loss.backward(): prefetch runs the other way
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.reads = self.writes = 0  # flats fetched from / written to a home off the device, for tests
+        self.waits = 0  # times a flat was needed while its fetch was still in flight
+        for i, b in enumerate(blocks):
+            groups: dict[tuple[torch.dtype, bool], dict[str, nn.Parameter]] = {}
+            for name, p in b.params.items():
+                groups.setdefault((p.dtype, p.requires_grad), {})[name] = p
+            for params in groups.values():
+                fp = flatten_params(b.name, params)
+                f = Flat(len(self.flats), i, fp, list(params.values()), homes[b.name])
+                f.shapes = [p.shape for p in f.params]
+                f.dtype, f.numel = fp.buffer.dtype, fp.buffer.numel()
+                self.flats.append(f)
+                self._place_home(f, (home_nodes or {}).get(f.home))
+        self.by_block: list[list[Flat]] = [
+            [f for f in self.flats if f.block == i] for i in range(len(blocks))
+        ]
+        streamed = [f for f in self.flats if f.streamed]
+        per_block = max((sum(f.streamed for f in fs) for fs in self.by_block), default=0)
+        self.slots: list[torch.Tensor] = []
+        if streamed:
+            count = (depth + WINDOW_EXTRA) * per_block  # as the planner counts the window
+            size = max(f.nbytes for f in streamed)
+            arena = self._alloc(size * count)
+            self.slots = [arena[i * size : (i + 1) * size] for i in range(count)]
+            self.ledger.add(Tier.DEVICE, Kind.STAGING, size * count)
+        self._free = list(self.slots)
+        self._slot_starts = sorted((s.data_ptr(), k) for k, s in enumerate(self.slots))
+        self._owner: dict[int, Flat] = {}  # slot index -> flat it holds
+        self._hooks: list = []
+        self._layer_roots = {b.name: i for i, b in enumerate(blocks) if b.kind == "layer"}
+        self._hook_modules(blocks)
+
+    # -- homes ------------------------------------------------------------------------------------------
+
+    def _alloc(self, nbytes: int) -> torch.Tensor:
+        if self.cuda:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return numa_empty(nbytes)
+
+    def _place_home(self, f: Flat, nodes: list[int] | None) -> None:
+        """Move the flat's freshly built weights to their home and account for them."""
+        buffer = f.flat.buffer
+        if f.home is Tier.DEVICE:
+            if buffer.device != self.device:
+                moved = self._alloc(f.nbytes).view(f.dtype)[: f.numel]
+                moved.copy_(buffer)
+                self._point(f, moved)
+                f.flat.buffer = moved
+            f.home_buffer = f.flat.buffer
+        elif f.home is Tier.NVME:
+            if self.store is None:
+                raise ValueError("weights homed on NVMe need a store")
+            f.extent = self.store.allocate(f"{f.flat.block}#{f.index}", f.nbytes, Kind.PARAMS)
+            self.store.write(f.extent, f.flat.slot).wait()
+            f.flat.buffer = f.flat.slot = None  # the only copy is on the drive now
+            self._unpoint(f)
+        else:  # host or CXL memory of a CUDA machine
+            home = numa_empty(f.nbytes, nodes=nodes, interleave=bool(nodes) and len(nodes) > 1)
+            typed = home.view(f.dtype)[: f.numel]
+            typed.copy_(buffer)
+            if torch.cuda.is_available():
+                torch.cuda.cudart().cudaHostRegister(home.data_ptr(), home.numel(), 0)
+            f.home_buffer = typed
+            self._unpoint(f)
+        if f.home is not Tier.NVME:
+            self.ledger.add(f.home, Kind.PARAMS, f.nbytes)
+
+    def _point(self, f: Flat, buffer: torch.Tensor) -> None:
+        with torch.no_grad():
+            for p, offset, shape in zip(f.params, f.flat.offsets, f.shapes):
+                p.data = buffer[offset : offset + p.numel()].view(shape)
+
+    def _unpoint(self, f: Flat) -> None:
+        """Point the flat's parameters at a NaN placeholder of their shape (no memory)."""
+        if f.dtype not in self._poison:
+            self._poison[f.dtype] = torch.full((1,), float("nan"), dtype=f.dtype, device=self.device)
+        for p, shape in zip(f.params, f.shapes):
+            p.data = self._poison[f.dtype].expand(shape)
+
+    # -- the window -------------------------------------------------------------------------------------
+
+    def resident(self, f: Flat) -> torch.Tensor:
+        """The flat's weights on the device (1-D, typed), fetching them if needed."""
+        if not f.streamed:
+            return f.home_buffer
+        self._ensure([f])
+        return f.slot.view(f.dtype)[: f.numel]
+
+    def need(self, block: int) -> None:
+        """Block ``block`` is about to compute: make it resident, and fetch the next ones ahead."""
+        self._clock += 1
+        flats = [f for f in self.by_block[block] if f.streamed]
+        self._ensure(flats)
+        step = -1 if self.backward else 1
+        ahead = [block + step * k for k in range(1, self.depth + 1)]
+        keep = set(flats)
+        for j in ahead:
+            if 0 <= j < len(self.by_block):
+                for f in self.by_block[j]:
+                    if f.streamed and f.slot is None:
+                        slot = self._take_slot(keep)
+                        if slot is None:
+                            return
+                        self._start_fetch(f, slot)
+                    keep.add(f)
+
+    def _ensure(self, flats: list[Flat]) -> None:
+        keep = set(flats)
+        for f in flats:
+            f.last_use = self._clock
+            if f.slot is None:
+                slot = self._take_slot(keep)
+                if slot is None:
+                    raise StreamError(
+                        f"the window of {len(self.slots)} slots cannot hold the {len(flats)} flat buffers "
+                        f"block {f.flat.block} needs at once; raise offload.prefetch_depth"
+                    )
+                self._start_fetch(f, slot)
+        for f in flats:
+            self._finish_fetch(f)
+
+    def _take_slot(self, keep: set[Flat]) -> torch.Tensor | None:
+        if self._free:
+            return self._free.pop()
+        victims = [f for f in self._owner.values() if f not in keep]
+        if not victims:
+            return None
+        victim = min(victims, key=lambda f: f.last_use)
+        return self._evict(victim)
+
+    def _evict(self, f: Flat) -> torch.Tensor:
+        self._finish_fetch(f)
+        if f.writing is not None:  # the slot is the source of a write to the drive
+            f.writing.wait()
+            f.writing = None
+        slot = f.slot
+        if self.cuda:  # the next copy into the slot must wait for the kernels that read it
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        del self._owner[self._slot_index(slot)]
+        f.slot = None
+        self._unpoint(f)
+        return slot
+
+    def _slot_index(self, slot: torch.Tensor) -> int:
+        return self._slot_starts[
+            bisect.bisect_right(self._slot_starts, (slot.data_ptr(), len(self.slots))) - 1
+        ][1]
+
+    def _start_fetch(self, f: Flat, slot: torch.Tensor) -> None:
+        f.slot = slot
+        self._owner[self._slot_index(slot)] = f
+        self.reads += 1
+        if f.home is Tier.NVME:
+            if self.cuda:
+                raise NotImplementedError("weights on NVMe with a CUDA device: not in this release")
+            f.pending = self.store.read(f.extent, slot)
+        else:  # host or CXL home, CUDA device: an asynchronous copy on the side stream
+            with torch.cuda.stream(self.copy_stream):
+                slot.view(f.dtype)[: f.numel].copy_(f.home_buffer, non_blocking=True)
+                f.copied = torch.cuda.Event()
+                f.copied.record(self.copy_stream)
+
+    def _finish_fetch(self, f: Flat) -> None:
+        if f.pending is None and f.copied is None:
+            if f.slot is not None and f.params[0].data.data_ptr() != f.slot.data_ptr():
+                self._point(f, f.slot.view(f.dtype)[: f.numel])
+            return
+        if f.pending is not None:
+            if not f.pending.transferred():
+                self.waits += 1
+            pending, f.pending = f.pending, None
+            pending.wait()
+        if f.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(f.copied)
+            f.copied = None
+        self._point(f, f.slot.view(f.dtype)[: f.numel])
+
+    def writeback(self, f: Flat) -> None:
+        """The flat's weights changed in the window (the optimizer step): send them home."""
+        if f.home is Tier.NVME:
+            f.writing = self.store.write(f.extent, f.slot)
+            self.writes += 1
+        elif f.streamed:  # host or CXL home: copy back (the window copy stays valid)
+            f.home_buffer.copy_(f.slot.view(f.dtype)[: f.numel])
+            self.writes += 1
+
+    def refresh(self, f: Flat) -> None:
+        """The flat's home changed (a host-side update): drop the stale window copy."""
+        if f.slot is not None:
+            self._free.append(self._evict(f))
+
+    def drain(self) -> None:
+        """Wait for every write to the drive (before a checkpoint reads the homes back)."""
+        for f in self.flats:
+            if f.writing is not None:
+                f.writing.wait()
+                f.writing = None
+
+    # -- hooks ------------------------------------------------------------------------------------------
+
+    def _hook_modules(self, blocks: list[Block]) -> None:
+        """Pre-hooks on every module that holds a block's parameters directly, and on each layer's root
+        (which fires first, so the next layers are fetched earlier). The submodules' hooks are what makes
+        activation checkpointing work: a checkpointed layer recomputes its ``forward`` in backward, which
+        runs its submodules' hooks but not the root's."""
+        owner = {id(p): i for i, b in enumerate(blocks) for p in b.params.values()}
+        for name, module in self.model.named_modules():
+            needs = {owner[id(p)] for p in module.parameters(recurse=False) if id(p) in owner}
+            if name in self._layer_roots:
+                needs.add(self._layer_roots[name])
+            if needs and any(f.streamed for i in needs for f in self.by_block[i]):
+                self._hooks.append(module.register_forward_pre_hook(self._pre_hook(sorted(needs))))
+
+    def _pre_hook(self, needs: list[int]) -> Callable:
+        def hook(module: nn.Module, args: object) -> None:
+            for i in needs:
+                self.need(i)
+
+        return hook
+
+    def saved_tensors(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Context for a forward pass whose backward follows (see the module docstring)."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> object:
+        if not self.slots or t.device != self.device or t.numel() == 0:
+            return t
+        ptr = t.data_ptr()
+        at = bisect.bisect_right(self._slot_starts, (ptr, len(self.slots))) - 1
+        if at < 0:
+            return t
+        start, k = self._slot_starts[at]
+        f = self._owner.get(k)
+        if f is None or ptr >= start + f.nbytes or t.dtype != f.dtype:
+            return t
+        offset = (ptr - start) // t.element_size()
+        return _InSlot(f, offset, tuple(t.shape), t.stride())
+
+    def _unpack(self, saved: object) -> torch.Tensor:
+        if not isinstance(saved, _InSlot):
+            return saved
+        self.need(saved.flat.block)
+        buffer = saved.flat.slot.view(saved.flat.dtype)
+        return buffer.as_strided(saved.shape, saved.stride, buffer.storage_offset() + saved.offset)
+
+    def close(self) -> None:
+        """Remove the hooks and bring every weight back resident on the device (the model works alone)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.drain()
+        copies = {f: self.resident(f).clone() for f in self.flats if f.streamed}
+        self._owner.clear()
+        for f, data in copies.items():  # only now: fetching one flat may evict another
+            f.slot = None
+            self._point(f, data)
+
+    def iter_flats(self, order: str = "forward") -> Iterator[Flat]:
+        return iter(self.flats if order == "forward" else reversed(self.flats))
+
+
+@dataclass(frozen=True)
+class _InSlot:
+    flat: Flat
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
