@@ -117,6 +117,11 @@ class TrainConfig:
         "fp32", "compute dtype; bf16 keeps fp32 master weights and runs matmuls in bf16"
     )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available, else cpu")
+    trace: bool = opt(
+        False,
+        "write <output_dir>/trace.json (Chrome trace: compute, copies, NVMe reads and writes; open in "
+        "ui.perfetto.dev) and memory.png (bytes per tier over time)",
+    )
     activation_checkpointing: bool = opt(
         False, "keep only each decoder layer's input and recompute the rest in backward (less memory)"
     )

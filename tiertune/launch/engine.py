@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tiertune import trace
 from tiertune.config import JobConfig
 from tiertune.errors import CheckpointError, ConfigError
 from tiertune.launch.data import IGNORE_INDEX
@@ -94,13 +95,16 @@ class TrainEngine:
     def forward_backward(self, batch: dict[str, torch.Tensor], step_targets: int) -> float:
         """Accumulate the gradient of this micro-batch's share of the step loss; return its loss sum."""
         self.model.train()
-        loss_sum = self._loss_sum(batch)
-        (loss_sum / step_targets).backward()
+        with trace.span("compute", "forward"):
+            loss_sum = self._loss_sum(batch)
+        with trace.span("compute", "backward"):
+            (loss_sum / step_targets).backward()
         self._account()
         return float(loss_sum.detach())
 
     def step(self, lr: float) -> StepReport:
-        report = self.updater.step(lr)
+        with trace.span("compute", "optimizer step"):
+            report = self.updater.step(lr)
         self._account()
         return report
 
@@ -132,8 +136,9 @@ class TrainEngine:
                 p.copy_(tensors[name])
         self.updater.load(directory)
 
-    def close(self) -> None:
-        """Release what the engine holds outside the model (nothing, when everything is resident)."""
+    def close(self, gather: bool = True) -> None:
+        """Release what the engine holds outside the model (nothing, when everything is resident).
+        ``gather``: leave every weight in the model (an export follows); False on the way out of an error."""
 
 
 class StreamingEngine(TrainEngine):
@@ -167,10 +172,12 @@ class StreamingEngine(TrainEngine):
 
     def forward_backward(self, batch: dict[str, torch.Tensor], step_targets: int) -> float:
         self.model.train()
-        loss_sum = self._loss_sum(batch)
+        with trace.span("compute", "forward"):
+            loss_sum = self._loss_sum(batch)
         self.streamer.backward = True
         try:
-            (loss_sum / step_targets).backward()
+            with trace.span("compute", "backward"):
+                (loss_sum / step_targets).backward()
         finally:
             self.streamer.backward = False
         return float(loss_sum.detach())
@@ -212,17 +219,24 @@ class StreamingEngine(TrainEngine):
         self.streamer.drain()
         self.updater.load(directory)
 
-    def close(self) -> None:
-        """Remove the hooks, bring the weights back into the model, delete the store's files (once)."""
+    def close(self, gather: bool = True) -> None:
+        """Remove the hooks, bring the weights back into the model (``gather``), delete the store's files.
+        Once; each part is released even when an earlier one fails."""
         if self._closed:
             return
         self._closed = True
-        self.streamer.close()
-        self.updater.close()
-        if self.store is not None:
-            self.store.close()
-        if self._cleanup is not None:
-            self._cleanup()
+        try:
+            self.streamer.close(gather=gather)
+        finally:
+            try:
+                self.updater.close()
+            finally:
+                try:
+                    if self.store is not None:
+                        self.store.close()
+                finally:
+                    if self._cleanup is not None:
+                        self._cleanup()
 
 
 def _check_names(directory: Path, tensors: dict[str, torch.Tensor], names: set[str]) -> None:
@@ -291,7 +305,7 @@ def _streaming_engine(
     if device.type == "cuda" and (Tier.NVME in params.values() or Tier.DEVICE in optim.values()):
         problems.append(
             "on a CUDA device this release streams weights from host or CXL memory (not NVMe) and keeps "
-            "the optimizer state off the device: set offload.params to host and offload.optimizer to "
+            "the optimizer state off the device: set offload.params to device or host, and offload.optimizer to "
             "host or nvme"
         )
     if problems:
@@ -308,10 +322,11 @@ def _streaming_engine(
                 )
             store_dir.mkdir(parents=True, exist_ok=True)
             dirs = [store_dir]
-            cleanup = lambda: shutil.rmtree(store_dir, ignore_errors=True)  # noqa: E731
         # Extents are rounded to 4 KiB per flat and per optimizer chunk: leave room for that rounding.
         slack = 4096 * (4 * len(plan.blocks) + nvme_bytes // (64 * 2**20) + 16)
         store = NvmeStore(dirs, nvme_bytes + slack, ledger=ledger)
+        if not cfg.offload.nvme_dir:  # ours alone now (the store holds its lock): deleted after the run
+            cleanup = lambda: shutil.rmtree(store_dir, ignore_errors=True)  # noqa: E731
     try:
         blocks = find_blocks(model)
         streamer = BlockStreamer(

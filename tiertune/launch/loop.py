@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from tiertune import trace
 from tiertune.config import JobConfig
 from tiertune.errors import ConfigError, RunDirError
 from tiertune.launch import resume
@@ -36,6 +37,7 @@ from tiertune.launch.resume import LoopState
 from tiertune.launch.rundir import MetricsLog, RunDir, default_output_dir, write_atomic
 from tiertune.memory import (
     Budgets,
+    Ledger,
     device_peak_bytes,
     format_bytes,
     peak_rss_bytes,
@@ -115,13 +117,24 @@ def _run(
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     budgets = resolve_budgets(cfg.memory, device)
-    engine = build_engine(cfg, model, device, budgets, store_dir=out / "nvme-store")
+    ledger = Ledger()
+    tracer = trace.Tracer() if cfg.train.trace else None
+    if tracer is not None:
+        trace.install(tracer)
+        ledger.watch(tracer.counter)
     try:
-        return _train(
-            cfg, out, engine, model, tokenizer, method, budgets, device, resume_from, callbacks, started
-        )
+        engine = build_engine(cfg, model, device, budgets, ledger, store_dir=out / "nvme-store")
+        try:
+            return _train(
+                cfg, out, engine, model, tokenizer, method, budgets, device, resume_from, callbacks, started
+            )
+        finally:
+            engine.close(gather=False)  # hooks off, store files deleted: also when training fails
     finally:
-        engine.close()  # hooks off, store files deleted: also when training fails
+        if tracer is not None:
+            trace.install(None)
+            written = tracer.save(out)
+            say(f"trace: {', '.join(str(p) for p in written)} (open trace.json in ui.perfetto.dev)")
 
 
 def _train(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from tiertune.memory.tiers import Kind, Tier
@@ -21,6 +22,11 @@ class Ledger:
         self._peak_cell: dict[tuple[Tier, Kind], int] = defaultdict(int)
         self._peak_tier: dict[Tier, int] = defaultdict(int)
         self._waste: dict[Tier, int] = defaultdict(int)
+        self._watchers: list[Callable[[dict[str, int]], None]] = []
+
+    def watch(self, callback: Callable[[dict[str, int]], None]) -> None:
+        """Call ``callback`` with the bytes held per tier after every change (for traces)."""
+        self._watchers.append(callback)
 
     def add(self, tier: Tier, kind: Kind, nbytes: int) -> None:
         with self._lock:
@@ -45,6 +51,12 @@ class Ledger:
         self._peak_cell[(tier, kind)] = max(self._peak_cell[(tier, kind)], nbytes)
         tier_total = sum(n for (t, _), n in self._bytes.items() if t is tier)
         self._peak_tier[tier] = max(self._peak_tier[tier], tier_total)
+        if self._watchers:
+            totals: dict[str, int] = defaultdict(int)
+            for (t, _), n in self._bytes.items():
+                totals[t.value] += n
+            for callback in self._watchers:
+                callback(dict(totals))
 
     def bytes(self, tier: Tier, kind: Kind | None = None) -> int:
         with self._lock:

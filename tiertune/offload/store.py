@@ -14,6 +14,7 @@ import errno
 import fcntl
 import os
 import shutil
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -24,6 +25,7 @@ from typing import IO
 
 import torch
 
+from tiertune import trace
 from tiertune.errors import TiertuneError
 from tiertune.memory import Kind, Ledger, Tier
 from tiertune.memory.pool import ALIGN, align_up
@@ -54,8 +56,10 @@ class Extent:
 class PendingIO:
     """An in-flight read or write; :meth:`wait` returns once every piece is done, and checked."""
 
-    def __init__(self, futures: list[Future[int]], on_done: Callable[[list[int]], None]) -> None:
-        self._futures, self._on_done = futures, on_done
+    def __init__(
+        self, futures: list[Future[int]], on_done: Callable[[list[int]], None], what: str = "transfer"
+    ) -> None:
+        self._futures, self._on_done, self._what = futures, on_done, what
         self._finished = False
         self._error: BaseException | None = None
 
@@ -67,6 +71,12 @@ class PendingIO:
             self._finished = True
             try:
                 self._on_done([f.result() for f in self._futures])
+            except OSError as e:  # the drive or the filesystem failed: say what, keep it a clean stop
+                self._error = StoreError(
+                    f"{self._what} failed: {e.strerror or e}; the run stops here (checkpoints already "
+                    "written are intact); check the drive and its free space, then resume"
+                )
+                self._error.__cause__ = e
             except BaseException as e:
                 self._error = e
         if self._error is not None:
@@ -75,6 +85,24 @@ class PendingIO:
     def transferred(self) -> bool:
         """Every piece has moved (not yet checked: :meth:`wait` checks)."""
         return all(f.done() for f in self._futures)
+
+
+def _trace(futures: list[Future[int]], track: str, extent: Extent) -> None:
+    """Record the transfer on the trace (when tracing) as it completes: submission to last piece."""
+    tracer = trace.current()
+    if tracer is None or not futures:
+        return
+    start, left, lock = tracer.now(), [len(futures)], threading.Lock()
+
+    def done(_: Future[int]) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            tracer.add(track, extent.name, start, tracer.now(), bytes=align_up(extent.nbytes))
+
+    for f in futures:
+        f.add_done_callback(done)
 
 
 def _mib(nbytes: int) -> str:
@@ -234,11 +262,12 @@ class NvmeStore:
         """Start writing ``buffer``'s first ``align_up(extent.nbytes)`` bytes; keep it unchanged until done."""
         self._check_buffer(extent, buffer)
         futures = [self.io.write(p, buffer) for p in self._pieces(extent)]
+        _trace(futures, "nvme write", extent)
 
         def record(crcs: list[int]) -> None:
             extent.checksums = crcs
 
-        return PendingIO(futures, record)
+        return PendingIO(futures, record, f"writing {extent.name} to the NVMe store")
 
     def read(self, extent: Extent, buffer: torch.Tensor) -> PendingIO:
         """Start reading the extent into ``buffer``; :meth:`PendingIO.wait` verifies every checksum."""
@@ -246,6 +275,7 @@ class NvmeStore:
             raise ValueError(f"{extent.name} was never written: nothing to read")
         self._check_buffer(extent, buffer)
         futures = [self.io.read(p, buffer) for p in self._pieces(extent)]
+        _trace(futures, "nvme read", extent)
 
         def verify(crcs: list[int]) -> None:
             bad = [i for i, (got, want) in enumerate(zip(crcs, extent.checksums)) if got != want]
@@ -256,7 +286,7 @@ class NvmeStore:
                     "drive or the file was altered; the run cannot continue from this state"
                 )
 
-        return PendingIO(futures, verify)
+        return PendingIO(futures, verify, f"reading {extent.name} from the NVMe store")
 
     def sync(self) -> None:
         """Make every completed write durable (the files' metadata included)."""

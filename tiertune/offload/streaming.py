@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tiertune import trace
 from tiertune.memory import Kind, Ledger, Tier
 from tiertune.memory.numa import align_up, numa_empty
 from tiertune.offload.blocks import Block
@@ -57,6 +58,7 @@ class Flat:
     copied: torch.cuda.Event | None = None  # a host-to-device copy into ``slot`` not yet waited for
     writing: PendingIO | None = None  # a write of ``slot`` to the NVMe home not yet finished
     last_use: int = 0
+    role: int = 0  # its place among its block's streamed flats: slots are sized per role
     shapes: list[torch.Size] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
     numel: int = 0
@@ -89,6 +91,8 @@ class BlockStreamer:
         home_nodes: dict[Tier, list[int]] | None = None,
     ) -> None:
         """``homes`` maps a block name to the home tier of its weights; ``depth`` blocks are fetched ahead."""
+        if device.type == "cuda" and device.index is None:  # tensors say cuda:0, never plain cuda
+            device = torch.device("cuda", torch.cuda.current_device())
         self.model, self.device, self.depth, self.store, self.ledger = model, device, depth, store, ledger
         self.cuda = device.type == "cuda"
         self.block_names = [b.name for b in blocks]
@@ -113,16 +117,21 @@ class BlockStreamer:
         self.by_block: list[list[Flat]] = [
             [f for f in self.flats if f.block == i] for i in range(len(blocks))
         ]
+        # A block may have several streamed flats (LoRA: the frozen base and the adapters). Each gets its
+        # slots sized for its role, so the adapters' small flats do not take base-weight-sized slots.
+        for fs in self.by_block:
+            for role, f in enumerate(f for f in fs if f.streamed):
+                f.role = role
         streamed = [f for f in self.flats if f.streamed]
-        per_block = max((sum(f.streamed for f in fs) for fs in self.by_block), default=0)
         self.slots: list[torch.Tensor] = []
-        if streamed:
-            count = (depth + WINDOW_EXTRA) * per_block  # as the planner counts the window
-            size = max(f.nbytes for f in streamed)
+        self._free: dict[int, list[torch.Tensor]] = {}
+        for role in sorted({f.role for f in streamed}):
+            count = depth + WINDOW_EXTRA  # as the planner counts the window
+            size = max(f.nbytes for f in streamed if f.role == role)
             arena = self._alloc(size * count)
-            self.slots = [arena[i * size : (i + 1) * size] for i in range(count)]
+            self._free[role] = [arena[i * size : (i + 1) * size] for i in range(count)]
+            self.slots += self._free[role]
             self.ledger.add(Tier.DEVICE, Kind.STAGING, size * count)
-        self._free = list(self.slots)
         self._slot_starts = sorted((s.data_ptr(), k) for k, s in enumerate(self.slots))
         self._owner: dict[int, Flat] = {}  # slot index -> flat it holds
         self._hooks: list = []
@@ -179,10 +188,12 @@ class BlockStreamer:
     # -- the window -------------------------------------------------------------------------------------
 
     def resident(self, f: Flat) -> torch.Tensor:
-        """The flat's weights on the device (1-D, typed), fetching them if needed."""
+        """The flat's weights on the device (1-D, typed), fetching them if needed; the caller may change
+        them (the update does, then calls :meth:`writeback`), so no write of them is left in flight."""
         if not f.streamed:
             return f.home_buffer
         self._ensure([f])
+        self._wait_write(f)
         return f.slot.view(f.dtype)[: f.numel]
 
     def need(self, block: int) -> None:
@@ -197,7 +208,7 @@ class BlockStreamer:
             if 0 <= j < len(self.by_block):
                 for f in self.by_block[j]:
                     if f.streamed and f.slot is None:
-                        slot = self._take_slot(keep)
+                        slot = self._take_slot(f.role, keep)
                         if slot is None:
                             return
                         self._start_fetch(f, slot)
@@ -208,7 +219,7 @@ class BlockStreamer:
         for f in flats:
             f.last_use = self._clock
             if f.slot is None:
-                slot = self._take_slot(keep)
+                slot = self._take_slot(f.role, keep)
                 if slot is None:
                     raise StreamError(
                         f"the window of {len(self.slots)} slots cannot hold the {len(flats)} flat buffers "
@@ -218,10 +229,10 @@ class BlockStreamer:
         for f in flats:
             self._finish_fetch(f)
 
-    def _take_slot(self, keep: set[Flat]) -> torch.Tensor | None:
-        if self._free:
-            return self._free.pop()
-        victims = [f for f in self._owner.values() if f not in keep]
+    def _take_slot(self, role: int, keep: set[Flat]) -> torch.Tensor | None:
+        if self._free[role]:
+            return self._free[role].pop()
+        victims = [f for f in self._owner.values() if f.role == role and f not in keep]
         if not victims:
             return None
         victim = min(victims, key=lambda f: f.last_use)
@@ -229,9 +240,7 @@ class BlockStreamer:
 
     def _evict(self, f: Flat) -> torch.Tensor:
         self._finish_fetch(f)
-        if f.writing is not None:  # the slot is the source of a write to the drive
-            f.writing.wait()
-            f.writing = None
+        self._wait_write(f)  # the slot is the source of a write to the drive
         slot = f.slot
         if self.cuda:  # the next copy into the slot must wait for the kernels that read it
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -265,18 +274,28 @@ class BlockStreamer:
                 self._point(f, f.slot.view(f.dtype)[: f.numel])
             return
         if f.pending is not None:
-            if not f.pending.transferred():
-                self.waits += 1
             pending, f.pending = f.pending, None
-            pending.wait()
+            if pending.transferred():
+                pending.wait()
+            else:  # the compute stalls on the drive: count it, and show it on the trace
+                self.waits += 1
+                with trace.span("compute", f"wait for {f.flat.block}"):
+                    pending.wait()
         if f.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(f.copied)
             f.copied = None
         self._point(f, f.slot.view(f.dtype)[: f.numel])
 
+    def _wait_write(self, f: Flat) -> None:
+        """Wait for the write of the flat's slot to its home, raising its error if it failed."""
+        if f.writing is not None:
+            writing, f.writing = f.writing, None
+            writing.wait()
+
     def writeback(self, f: Flat) -> None:
         """The flat's weights changed in the window (the optimizer step): send them home."""
         if f.home is Tier.NVME:
+            self._wait_write(f)
             f.writing = self.store.write(f.extent, f.slot)
             self.writes += 1
         elif f.streamed:  # host or CXL home: copy back (the window copy stays valid)
@@ -286,14 +305,12 @@ class BlockStreamer:
     def refresh(self, f: Flat) -> None:
         """The flat's home changed (a host-side update): drop the stale window copy."""
         if f.slot is not None:
-            self._free.append(self._evict(f))
+            self._free[f.role].append(self._evict(f))
 
     def drain(self) -> None:
         """Wait for every write to the drive (before a checkpoint reads the homes back)."""
         for f in self.flats:
-            if f.writing is not None:
-                f.writing.wait()
-                f.writing = None
+            self._wait_write(f)
 
     # -- hooks ------------------------------------------------------------------------------------------
 
@@ -330,24 +347,29 @@ class BlockStreamer:
             return t
         start, k = self._slot_starts[at]
         f = self._owner.get(k)
-        if f is None or ptr >= start + f.nbytes or t.dtype != f.dtype:
+        if f is None or ptr >= start + self.slots[k].numel():
             return t
+        if (ptr - start) % t.element_size():
+            raise StreamError(f"a tensor saved for backward is a misaligned view into {f.flat.block}'s slot")
         offset = (ptr - start) // t.element_size()
-        return _InSlot(f, offset, tuple(t.shape), t.stride())
+        return _InSlot(f, t.dtype, offset, tuple(t.shape), t.stride())
 
     def _unpack(self, saved: object) -> torch.Tensor:
         if not isinstance(saved, _InSlot):
             return saved
         self.need(saved.flat.block)
-        buffer = saved.flat.slot.view(saved.flat.dtype)
+        buffer = saved.flat.slot.view(saved.dtype)
         return buffer.as_strided(saved.shape, saved.stride, buffer.storage_offset() + saved.offset)
 
-    def close(self) -> None:
-        """Remove the hooks and bring every weight back resident on the device (the model works alone)."""
+    def close(self, gather: bool = True) -> None:
+        """Remove the hooks; with ``gather``, bring every weight back resident on the device so that the
+        model works alone (for an export: it needs the whole model in device memory)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self.drain()
+        if not gather:
+            return
         copies = {f: self.resident(f).clone() for f in self.flats if f.streamed}
         self._owner.clear()
         for f, data in copies.items():  # only now: fetching one flat may evict another
@@ -361,6 +383,7 @@ class BlockStreamer:
 @dataclass(frozen=True)
 class _InSlot:
     flat: Flat
-    offset: int
+    dtype: torch.dtype  # of the saved tensor (a view may reinterpret the weights)
+    offset: int  # in elements of ``dtype`` from the slot's start
     shape: tuple[int, ...]
     stride: tuple[int, ...]

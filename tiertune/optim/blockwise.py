@@ -150,8 +150,8 @@ class BlockAdamW:
 
     def step(self, lr: float) -> StepReport:
         grads = self._grad_views()
-        if not grads:
-            return StepReport(grad_norm=0.0, skipped=True)
+        if not grads:  # nothing got a gradient: nothing to update (as torch.optim does)
+            return StepReport(grad_norm=0.0, skipped=False)
         # clip_grad_norm_, spelled out over views of the flat gradient buffers.
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
         norm = float(total)
@@ -187,6 +187,7 @@ class BlockAdamW:
 
         current_flat: _State | None = None
         params = None
+        held: tuple[PoolBuffer, PendingIO | None] | None = None  # the chunk being updated
         try:
             for k, (s, c) in enumerate(units):
                 start_read(k)
@@ -194,28 +195,36 @@ class BlockAdamW:
                     start_read(k + 1)
                 if s is not current_flat:
                     if current_flat is not None:
-                        self._finish_params(current_flat)
+                        self._finish_params(current_flat, params)
                     self.streamer.need(s.flat.block)
                     params, current_flat = self._params(s), s
                 if c.extent is None:
                     moments, n = s.moments, s.flat.numel
                     self._adamw(s, c, params, moments[:n], moments[n:], lr)
                 else:
-                    buf, io = reads.pop(k)
+                    held = reads.pop(k)
+                    buf, io = held
                     if io is not None:
                         io.wait()
                     n = c.stop - c.start
                     m = buf.slot[: 8 * n].view(torch.float32)
                     self._adamw(s, c, params, m[:n], m[n:], lr)
                     writes.append((self.store.write(c.extent, buf.slot), buf))
+                    held = None
             if current_flat is not None:
-                self._finish_params(current_flat)
+                self._finish_params(current_flat, params)
+            while writes:  # the last writes: their errors are this step's errors
+                io, buf = writes.popleft()
+                try:
+                    io.wait()
+                finally:
+                    self.staging.release(buf)
         finally:
             # Never hand a slot back while a transfer may still use it; an error already on its way wins.
-            for buf, io in reads.values():
-                _settle(io)
-                self.staging.release(buf)
-            for io, buf in writes:
+            pending = [*((io, buf) for buf, io in reads.values()), *writes]
+            if held is not None:
+                pending.append((held[1], held[0]))
+            for io, buf in pending:
                 _settle(io)
                 self.staging.release(buf)
         for s in self.states:
@@ -223,24 +232,22 @@ class BlockAdamW:
                 s.steps[i] += t
 
     def _params(self, s: _State) -> torch.Tensor:
-        """The flat's fp32 weights where the update runs (the CPU, or the device without accelerator)."""
+        """The flat's weights where the update runs: the CPU (the device itself, without an accelerator)."""
         f = s.flat
         if self.device.type == "cpu":
             return self.streamer.resident(f)
-        if f.home is Tier.DEVICE:
+        if f.home is Tier.DEVICE:  # a host copy of the device's weights, copied back after the update
             return f.home_buffer.to("cpu")
-        return f.home_buffer
+        return f.home_buffer  # host or CXL home: updated in place
 
-    def _finish_params(self, s: _State) -> None:
+    def _finish_params(self, s: _State, params: torch.Tensor) -> None:
         f = s.flat
         if self.device.type == "cpu":
             self.streamer.writeback(f)
         elif f.home is Tier.DEVICE:
-            raise NotImplementedError(
-                "weights on the device with optimizer state off it: not in this release"
-            )
+            f.home_buffer.copy_(params)
         else:
-            self.streamer.refresh(f)
+            self.streamer.refresh(f)  # the window's copy is stale now
 
     def _adamw(
         self, s: _State, c: _Chunk, params: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float

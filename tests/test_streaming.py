@@ -1,0 +1,183 @@
+"""The block streamer and the block optimizer in failure and edge cases (equivalence is in
+test_offload_equivalence.py)."""
+
+import errno
+import threading
+import time
+
+import pytest
+import torch
+from conftest import fast_config
+
+from tiertune.launch.engine import StreamingEngine, build_engine
+from tiertune.launch.loop import run
+from tiertune.launch.models import build_model
+from tiertune.offload import io as offload_io
+from tiertune.offload import streaming
+from tiertune.offload.store import LOCK_NAME, StoreError
+
+IDS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+BATCH = {"input_ids": IDS, "labels": IDS}
+
+
+def _engine(tmp_path, *overrides):
+    cfg = fast_config(tmp_path, *overrides)
+    model = build_model(cfg.model, seed=0)
+    if cfg.tuning.method != "full":
+        from tiertune.tuning import get_method
+
+        model = get_method(cfg.tuning.method).apply(model, cfg.tuning)
+    engine = build_engine(cfg, model, torch.device("cpu"), store_dir=tmp_path / "nvme-store")
+    assert isinstance(engine, StreamingEngine)
+    return engine
+
+
+def _failing_writes(monkeypatch, after: int):
+    """Every NVMe write piece after the first ``after`` fails with EIO."""
+    pwrite, count, lock = offload_io._pwrite, {"n": 0}, threading.Lock()
+
+    def failing(piece, view):
+        with lock:
+            count["n"] += 1
+            n = count["n"]
+        if n > after:
+            raise OSError(errno.EIO, "Input/output error")
+        return pwrite(piece, view)
+
+    monkeypatch.setattr(offload_io, "_pwrite", failing)
+    return count
+
+
+def test_a_failed_optimizer_state_write_stops_the_step_with_a_clear_error(tmp_path, monkeypatch):
+    engine = _engine(tmp_path, "offload.optimizer=nvme")
+    try:
+        engine.forward_backward(BATCH, 62)
+        _failing_writes(monkeypatch, after=0)  # the very last chunk's write too: nothing is dropped
+        with pytest.raises(StoreError, match="writing .* to the NVMe store failed: Input/output error"):
+            engine.step(1e-3)
+    finally:
+        engine.close(gather=False)
+
+
+def test_a_write_failure_in_training_exits_cleanly_and_leaves_no_store_behind(tmp_path, monkeypatch):
+    _failing_writes(monkeypatch, after=3)
+    with pytest.raises(StoreError, match="the run stops here"):
+        run(fast_config(tmp_path, "offload.optimizer=nvme", "offload.params=nvme", "train.max_steps=3"))
+    assert not (tmp_path / "nvme-store").exists()
+
+
+def test_close_releases_the_store_even_when_streamer_close_fails(tmp_path, monkeypatch):
+    engine = _engine(tmp_path, "offload.optimizer=nvme", "offload.params=nvme")
+    store_dir = tmp_path / "nvme-store"
+    assert any(store_dir.glob("tiertune-store-*.bin"))
+
+    def broken(self, gather=True):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(streaming.BlockStreamer, "close", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.close()
+    assert not store_dir.exists()  # files and lock gone: another job may use the directory
+    assert all(not h for h in (engine.updater._hooks,))
+    engine.close()  # a second close does nothing
+
+
+def test_hooks_are_removed_and_the_model_works_alone_after_close(tmp_path):
+    engine = _engine(tmp_path, "offload.params=nvme", "offload.optimizer=nvme")
+    engine.forward_backward(BATCH, 62)
+    engine.step(1e-3)
+    with torch.no_grad():
+        before = engine.model(input_ids=IDS).logits
+    engine.close()
+    model = engine.model
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    assert all(not getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=IDS).logits, before)
+    assert not (tmp_path / "nvme-store").exists()
+
+
+def test_updating_a_block_waits_for_the_previous_write_of_its_slot(tmp_path, monkeypatch):
+    """With every block in the window, a block's weights stay in their slot from one update to the next:
+    the update must not change the slot while the last step's write of it is still running."""
+    pwrite = offload_io._pwrite
+
+    def slow(piece, view):
+        time.sleep(0.02)
+        return pwrite(piece, view)
+
+    resident = streaming.BlockStreamer.resident
+
+    def checked(self, f):
+        out = resident(self, f)
+        assert f.writing is None, f"{f.flat.block}: handed out for change while its write is in flight"
+        return out
+
+    engine = _engine(tmp_path, "offload.params=nvme", "offload.prefetch_depth=6")
+    try:
+        monkeypatch.setattr(offload_io, "_pwrite", slow)
+        monkeypatch.setattr(streaming.BlockStreamer, "resident", checked)
+        for _ in range(2):
+            engine.forward_backward(BATCH, 62)
+            engine.step(1e-3)
+            assert any(f.writing is not None for f in engine.streamer.flats)  # writes still in flight
+        engine.streamer.drain()
+        weights = engine.trainable_tensors()
+        for f in engine.streamer.flats:  # what the drive holds is what the model holds
+            engine.streamer.refresh(f)
+        assert all(torch.equal(weights[n], t) for n, t in engine.trainable_tensors().items())
+    finally:
+        engine.close(gather=False)
+
+
+def test_lora_adapters_get_slots_of_their_own_size(tmp_path):
+    engine = _engine(tmp_path, "tuning.method=lora", "offload.params=nvme", "offload.prefetch_depth=1")
+    try:
+        s = engine.streamer
+        per_role = {}
+        for f in s.flats:
+            if f.streamed:
+                per_role[f.role] = max(per_role.get(f.role, 0), f.nbytes)
+        assert len(per_role) == 2  # the frozen base and the adapters of each layer
+        assert sum(t.numel() for t in s.slots) == 3 * sum(per_role.values())  # depth 1 + 2 each
+        assert per_role[1] < per_role[0] / 4  # the adapters' slots are small
+    finally:
+        engine.close(gather=False)
+
+
+def test_a_step_where_no_weight_got_a_gradient_is_not_reported_as_skipped(tmp_path):
+    engine = _engine(tmp_path, "offload.optimizer=nvme")
+    try:
+        report = engine.step(1e-3)
+        assert report.grad_norm == 0.0 and not report.skipped
+    finally:
+        engine.close(gather=False)
+
+
+def test_the_default_store_directory_is_locked_while_in_use(tmp_path):
+    engine = _engine(tmp_path, "offload.optimizer=nvme")
+    try:
+        assert (tmp_path / "nvme-store" / LOCK_NAME).exists()
+        with pytest.raises(StoreError, match="in use by another job"):
+            _engine(tmp_path, "offload.optimizer=nvme")
+        assert any((tmp_path / "nvme-store").glob("tiertune-store-*.bin"))  # the refused job left it be
+        engine.forward_backward(BATCH, 62)
+        engine.step(1e-3)
+    finally:
+        engine.close(gather=False)
+
+
+def test_a_trace_shows_compute_and_nvme_traffic_on_their_own_tracks(tmp_path):
+    import json
+
+    run(fast_config(tmp_path, "train.trace=true", "train.max_steps=2", "offload.params=nvme"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    tracks = {e["tid"]: e["args"]["name"].split(" (")[0] for e in events if e["name"] == "thread_name"}
+    spans = [e for e in events if e["ph"] == "X"]
+    on = {tracks[e["tid"]] for e in spans}
+    assert {"compute", "nvme read", "nvme write"} <= on
+    assert {"forward", "backward", "optimizer step"} <= {e["name"] for e in spans}
+    assert all(e["dur"] >= 0 for e in spans)
+    counters = [e for e in events if e["ph"] == "C"]
+    assert counters and max(e["args"].get("nvme", 0) for e in counters) > 0
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,152 @@
+"""``train.trace``: what ran when, in Chrome's trace format, and the bytes per tier over time as a plot.
+
+Spans go on tracks: ``compute`` (forward, backward and the optimizer step of the training thread, and its
+waits for blocks still in flight), ``nvme read`` and ``nvme write`` (each transfer from submission to its
+last piece), ``copies`` (host-device copies). Transfers that overlap each other get lanes of their own
+track, so overlap with compute is visible at a glance in Perfetto (ui.perfetto.dev) or chrome://tracing.
+The ledger's bytes per tier are recorded as counters, and drawn as ``memory.png``.
+
+Tracing is off unless a :class:`Tracer` is installed (:func:`install`); the hooks then cost a function
+call that does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TRACKS = ("compute", "copies", "nvme read", "nvme write")
+
+
+class Tracer:
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter_ns()
+        self._lock = threading.Lock()
+        self._spans: list[tuple[str, str, int, int, dict[str, Any]]] = []  # track, name, start, end (ns)
+        self._counters: list[tuple[int, dict[str, int]]] = []
+
+    def now(self) -> int:
+        return time.perf_counter_ns() - self._t0
+
+    @contextlib.contextmanager
+    def span(self, track: str, name: str, **args: Any) -> Iterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.add(track, name, start, self.now(), **args)
+
+    def add(self, track: str, name: str, start_ns: int, end_ns: int, **args: Any) -> None:
+        with self._lock:
+            self._spans.append((track, name, start_ns, end_ns, args))
+
+    def counter(self, values: dict[str, int]) -> None:
+        with self._lock:
+            self._counters.append((self.now(), dict(values)))
+
+    def events(self) -> list[dict[str, Any]]:
+        """Chrome trace events: one thread per track lane, spans as complete events, counters."""
+        with self._lock:
+            spans, counters = sorted(self._spans, key=lambda s: s[2]), list(self._counters)
+        lanes: dict[str, list[int]] = {}  # track -> end time of each lane's last span
+        tids: dict[tuple[str, int], int] = {}
+        out: list[dict[str, Any]] = []
+        for track, name, start, end, args in spans:
+            ends = lanes.setdefault(track, [])
+            lane = next((i for i, e in enumerate(ends) if e <= start), len(ends))
+            if lane == len(ends):
+                ends.append(end)
+            else:
+                ends[lane] = end
+            if (track, lane) not in tids:
+                tids[(track, lane)] = tid = len(tids) + 1
+                label = track if lane == 0 else f"{track} ({lane + 1})"
+                out.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": tid, "args": {"name": label}})
+                order = TRACKS.index(track) if track in TRACKS else len(TRACKS)
+                out.append(
+                    {
+                        "ph": "M",
+                        "name": "thread_sort_index",
+                        "pid": 1,
+                        "tid": tid,
+                        "args": {"sort_index": order * 100 + lane},
+                    }
+                )
+            out.append(
+                {
+                    "ph": "X",
+                    "name": name,
+                    "pid": 1,
+                    "tid": tids[(track, lane)],
+                    "ts": start / 1e3,
+                    "dur": max(end - start, 0) / 1e3,
+                    **({"args": args} if args else {}),
+                }
+            )
+        for ts, values in counters:
+            out.append({"ph": "C", "name": "bytes per tier", "pid": 1, "ts": ts / 1e3, "args": values})
+        out.append({"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "tiertune"}})
+        return out
+
+    def save(self, directory: Path) -> list[Path]:
+        """Write ``trace.json`` and, when there are counters, ``memory.png``; return what was written."""
+        path = directory / "trace.json"
+        path.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
+        written = [path]
+        with self._lock:
+            counters = list(self._counters)
+        if counters:
+            written.append(plot_tiers(counters, directory / "memory.png"))
+        return written
+
+
+def plot_tiers(counters: list[tuple[int, dict[str, int]]], path: Path) -> Path:
+    """Bytes per tier over time, one line per tier, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiers = sorted({t for _, values in counters for t in values})
+    fig, ax = plt.subplots(figsize=(10, 4), dpi=100)
+    times = [ts / 1e9 for ts, _ in counters]
+    for tier in tiers:
+        ax.step(times, [v.get(tier, 0) / 2**20 for _, v in counters], where="post", label=tier)
+    ax.set_xlabel("seconds since the engine started")
+    ax.set_ylabel("MiB held")
+    ax.set_title("bytes per memory tier")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+_current: Tracer | None = None
+
+
+def install(tracer: Tracer | None) -> None:
+    """Make ``tracer`` the one the engine's hooks report to (None: tracing off)."""
+    global _current
+    _current = tracer
+
+
+def current() -> Tracer | None:
+    return _current
+
+
+@contextlib.contextmanager
+def span(track: str, name: str, **args: Any) -> Iterator[None]:
+    """A span on the installed tracer; nothing when tracing is off."""
+    tracer = _current
+    if tracer is None:
+        yield
+        return
+    with tracer.span(track, name, **args):
+        yield
