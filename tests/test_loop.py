@@ -178,8 +178,9 @@ def test_a_non_finite_gradient_skips_that_step_and_training_goes_on(tmp_path, mo
             backwards["n"] += 1
             return grad * float("inf") if backwards["n"] == 3 else grad
 
-        next(p for p in model.parameters() if p.requires_grad).register_hook(hook)
-        return build_engine(cfg, model, *args, **kwargs)
+        engine = build_engine(cfg, model, *args, **kwargs)  # the engine makes the parameters
+        next(p for p in engine.model.parameters() if p.requires_grad).register_hook(hook)
+        return engine
 
     monkeypatch.setattr(loop, "build_engine", poison_third_backward)
     summary = run(

@@ -11,7 +11,7 @@ from conftest import fast_config
 
 from tiertune.launch.engine import StreamingEngine, build_engine
 from tiertune.launch.loop import run
-from tiertune.launch.models import build_model
+from tiertune.launch.models import build_model, skeleton
 from tiertune.offload import io as offload_io
 from tiertune.offload import streaming
 from tiertune.offload.store import LOCK_NAME, StoreError
@@ -21,12 +21,12 @@ BATCH = {"input_ids": IDS, "labels": IDS}
 
 
 def _engine(tmp_path, *overrides):
-    cfg = fast_config(tmp_path, *overrides)
-    model = build_model(cfg.model, seed=0)
-    if cfg.tuning.method != "full":
-        from tiertune.tuning import get_method
+    """The engine as the loop builds it: a full model's blocks are made by the engine, in their homes."""
+    from tiertune.tuning import get_method
 
-        model = get_method(cfg.tuning.method).apply(model, cfg.tuning)
+    cfg = fast_config(tmp_path, *overrides)
+    model = skeleton(cfg.model) if cfg.tuning.method == "full" else build_model(cfg.model, seed=0)
+    model = get_method(cfg.tuning.method).apply(model, cfg.tuning)
     engine = build_engine(cfg, model, torch.device("cpu"), store_dir=tmp_path / "nvme-store")
     assert isinstance(engine, StreamingEngine)
     return engine
@@ -181,3 +181,32 @@ def test_a_trace_shows_compute_and_nvme_traffic_on_their_own_tracks(tmp_path):
     counters = [e for e in events if e["ph"] == "C"]
     assert counters and max(e["args"].get("nvme", 0) for e in counters) > 0
     assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sharded_model_directory_loads_block_by_block_into_its_tiers(tmp_path, monkeypatch):
+    """From safetensors shards straight into the homes: each tensor is read on its own when its block is
+    made, and the weights are exactly those of the directory."""
+    from safetensors import safe_open as real_safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tiertune.launch import models
+
+    src = build_model(fast_config(tmp_path).model, seed=7)
+    src.save_pretrained(tmp_path / "base", max_shard_size="1MB")
+    assert len(list((tmp_path / "base").glob("model-*.safetensors"))) > 2
+    reads = []
+
+    def counting(path, framework):
+        reads.append(path)
+        return real_safe_open(path, framework=framework)
+
+    monkeypatch.setattr(models, "safe_open", counting)
+    engine = _engine(tmp_path / "job", f"model.path={tmp_path / 'base'}", "offload.params=nvme")
+    try:
+        assert len(reads) >= len(list(src.parameters()))  # one tensor at a time
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+        got = engine.trainable_tensors()
+        assert got.keys() <= expected.keys() and len(got) == len(list(src.parameters()))
+        assert all(torch.equal(got[n], expected[n]) for n in got)
+    finally:
+        engine.close(gather=False)

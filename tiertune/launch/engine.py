@@ -10,28 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tiertune import trace
 from tiertune.config import JobConfig
 from tiertune.errors import CheckpointError, ConfigError
 from tiertune.launch.data import IGNORE_INDEX
+from tiertune.launch.models import WeightSource, materialize, parameter_users, weight_source
 from tiertune.launch.plan import nvme_dirs, nvme_free_bytes, plan_model
 from tiertune.launch.progress import say
 from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
 from tiertune.offload import find_blocks
 from tiertune.offload.planner import Plan
 from tiertune.offload.store import NvmeStore
-from tiertune.offload.streaming import BlockStreamer
+from tiertune.offload.streaming import BlockStreamer, Flat
+from tiertune.offload.tensorfile import write_safetensors
 from tiertune.optim import StepReport, TorchAdamWUpdater
 from tiertune.optim.blockwise import BlockAdamW
+from tiertune.tuning.registry import TuningMethod
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -125,7 +130,7 @@ class TrainEngine:
     def load(self, directory: Path) -> None:
         tensors = load_file(str(directory / TRAINABLE_FILE))
         params = self.trainable()
-        _check_names(directory, tensors, set(params))
+        _check_names(directory, set(tensors), set(params))
         with torch.no_grad():
             for name, p in params.items():
                 if tensors[name].shape != p.shape:
@@ -135,6 +140,11 @@ class TrainEngine:
                     )
                 p.copy_(tensors[name])
         self.updater.load(directory)
+
+    def export(self, method: TuningMethod, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+        """Write the trained result as ``method`` exports it (a full HF model directory, a peft adapter)."""
+        self.close()  # every weight back in the model
+        method.export(self.model, tokenizer, directory)
 
     def close(self, gather: bool = True) -> None:
         """Release what the engine holds outside the model (nothing, when everything is resident).
@@ -182,42 +192,63 @@ class StreamingEngine(TrainEngine):
             self.streamer.backward = False
         return float(loss_sum.detach())
 
-    def trainable_tensors(self) -> dict[str, torch.Tensor]:
-        """Every trainable weight as a CPU tensor, read from its home block by block."""
+    def _weights(self, flats: list[Flat]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each parameter of ``flats`` as (name, tensor), read from its home one flat at a time."""
         self.streamer.drain()
-        out = {}
-        for f in self.streamer.flats:
-            if not f.trainable:
-                continue
+        for f in flats:
             data = self.streamer.resident(f)
-            for name, offset, p in zip(f.flat.names, f.flat.offsets, f.params):
-                out[name] = data[offset : offset + p.numel()].view(p.shape).to("cpu", copy=True)
-        return out
+            for name, offset, shape in zip(f.flat.names, f.flat.offsets, f.shapes):
+                yield name, data[offset : offset + shape.numel()].view(shape)
+
+    def _write_weights(self, path: Path, flats: list[Flat]) -> None:
+        entries = [(n, f.dtype, tuple(s)) for f in flats for n, s in zip(f.flat.names, f.shapes)]
+        write_safetensors(path, entries, self._weights(flats), metadata={"format": "pt"})
+
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trainable weight as a CPU tensor (a copy)."""
+        return {
+            n: t.to("cpu", copy=True)
+            for n, t in self._weights([f for f in self.streamer.flats if f.trainable])
+        }
 
     def save(self, directory: Path) -> None:
-        save_file(self.trainable_tensors(), str(directory / TRAINABLE_FILE))
+        """The trainable weights and the optimizer state, streamed from their homes block by block."""
+        self._write_weights(directory / TRAINABLE_FILE, [f for f in self.streamer.flats if f.trainable])
         self.updater.save(directory)
         if self.store is not None:
             self.store.sync()
 
     def load(self, directory: Path) -> None:
-        tensors = load_file(str(directory / TRAINABLE_FILE))
         names = {n for f in self.streamer.flats if f.trainable for n in f.flat.names}
-        _check_names(directory, tensors, names)
-        for f in self.streamer.flats:
-            if not f.trainable:
-                continue
-            data = self.streamer.resident(f)
-            for name, offset, p in zip(f.flat.names, f.flat.offsets, f.params):
-                if tensors[name].shape != p.shape:
-                    raise CheckpointError(
-                        f"checkpoint {directory}: {name} has shape {tuple(tensors[name].shape)}, "
-                        f"the model {tuple(p.shape)}"
-                    )
-                data[offset : offset + p.numel()].copy_(tensors[name].reshape(-1))
-            self.streamer.writeback(f)
+        with safe_open(str(directory / TRAINABLE_FILE), framework="pt") as fh:
+            _check_names(directory, set(fh.keys()), names)
+            for f in self.streamer.flats:
+                if not f.trainable:
+                    continue
+                data = self.streamer.resident(f)
+                for name, offset, shape in zip(f.flat.names, f.flat.offsets, f.shapes):
+                    t = fh.get_tensor(name)
+                    if t.shape != shape:
+                        raise CheckpointError(
+                            f"checkpoint {directory}: {name} has shape {tuple(t.shape)}, the model {tuple(shape)}"
+                        )
+                    data[offset : offset + shape.numel()].copy_(t.reshape(-1))
+                self.streamer.writeback(f)
         self.streamer.drain()
         self.updater.load(directory)
+
+    def export(self, method: TuningMethod, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+        """A full model is written block by block from its homes (never whole in memory): an HF model
+        directory. Other methods export from the model, with its weights gathered back into it."""
+        if method.name != "full":
+            super().export(method, tokenizer, directory)
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.config.save_pretrained(directory)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        self._write_weights(directory / "model.safetensors", self.streamer.flats)
 
     def close(self, gather: bool = True) -> None:
         """Remove the hooks, bring the weights back into the model (``gather``), delete the store's files.
@@ -239,9 +270,9 @@ class StreamingEngine(TrainEngine):
                         self._cleanup()
 
 
-def _check_names(directory: Path, tensors: dict[str, torch.Tensor], names: set[str]) -> None:
-    if set(tensors) != names:
-        missing, extra = sorted(names - set(tensors)), sorted(set(tensors) - names)
+def _check_names(directory: Path, found: set[str], names: set[str]) -> None:
+    if found != names:
+        missing, extra = sorted(names - found), sorted(found - names)
         raise CheckpointError(
             f"checkpoint {directory} does not hold this job's trainable weights "
             f"(missing {missing[:3]}, unexpected {extra[:3]}); was it written by a different job?"
@@ -269,6 +300,8 @@ def build_engine(
     plan = plan_model(cfg, model, budgets, _store_room(cfg, store_dir))
     everything_home = all(b.home[k] is Tier.DEVICE for b in plan.blocks for k in b.home)
     if everything_home and not forced:
+        if any(p.is_meta for p in model.parameters()):
+            materialize(model, weight_source(cfg.model, cfg.train.seed, model), device)
         model.to(device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return TrainEngine(model, TorchAdamWUpdater(named, cfg.optim), device, cfg.train.dtype, ledger)
@@ -338,6 +371,7 @@ def _streaming_engine(
             store=store,
             ledger=ledger,
             home_nodes={Tier.CXL: list(budgets.cxl_nodes)},
+            make=_maker(model, weight_source(cfg.model, cfg.train.seed, model)),
         )
         updater = BlockAdamW(streamer, cfg.optim, optim, next(iter(grads)), store=store, ledger=ledger)
     except BaseException:
@@ -348,6 +382,13 @@ def _streaming_engine(
         raise
     say(_describe(plan, store, temporary=cleanup is not None))
     return StreamingEngine(model, streamer, updater, device, cfg.train.dtype, ledger, store, plan, cleanup)
+
+
+def _maker(
+    model: nn.Module, source: WeightSource
+) -> Callable[[dict[str, torch.Tensor]], dict[str, nn.Parameter]]:
+    users = parameter_users(model)  # once: a block's parameters are made in one call each
+    return lambda views: materialize(model, source, only=views, users=users)
 
 
 def _describe(plan: Plan, store: NvmeStore | None, temporary: bool) -> str:

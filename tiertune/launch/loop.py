@@ -30,6 +30,7 @@ from tiertune.launch.models import (
     count_parameters,
     describe,
     load_tokenizer,
+    skeleton,
     weights_fingerprint,
 )
 from tiertune.launch.progress import Progress, say, write_loss_svg
@@ -109,7 +110,12 @@ def _run(
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    if cfg.tuning.method == "full":
+        # Parameters on the meta device: the engine makes each block where the plan puts it (from the seed
+        # or read from the model's safetensors files), so a model larger than memory never exists whole.
+        model = skeleton(cfg.model)
+    else:
+        model = build_model(cfg.model, seed=cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     check_vocab(model, tokenizer)
     method = get_method(cfg.tuning.method)
@@ -194,10 +200,9 @@ def _train(
         if cfg.train.eval_exact_match_samples
         else None
     )
-    engine.close()  # the model holds all its weights again, for the export
     export_dir = out / "final"
     try:
-        method.export(engine.model, tokenizer, export_dir)
+        engine.export(method, tokenizer, export_dir)
     except Exception as e:  # safetensors reports a full disk as its own error type
         kept = f"; checkpoint {last_ckpt.path} holds the trained weights" if last_ckpt else ""
         raise RunDirError(f"cannot export the result to {export_dir}: {e}{kept}") from None

@@ -7,10 +7,14 @@ planning a 70B job, or streaming its weights into memory tiers later, never hold
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -55,13 +59,121 @@ def build_model(cfg: ModelConfig, *, seed: int, device: torch.device | str = "cp
                 "is the directory complete?"
             ) from None
         return model.to(device)
-    # Init draws from a private RNG stream, so the weights are a function of the seed alone and the
-    # global RNG (data order, dropout) is the same whatever the model's size.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = skeleton(cfg)
+    materialize(model, weight_source(cfg, seed, model), device)
     return model
+
+
+def skeleton(cfg: ModelConfig) -> nn.Module:
+    """The model with its parameters on the meta device (no memory) and its buffers (rotary frequencies
+    and the like) real: :func:`materialize` fills in the parameters from a :func:`weight_source`, all at
+    once or one block at a time, with the same values either way."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32)
+    model.tie_weights()
+    return model
+
+
+WeightSource = Callable[[str, torch.Tensor], None]  # fill the tensor with the named parameter's values
+
+
+def weight_source(cfg: ModelConfig, seed: int, model: nn.Module) -> WeightSource:
+    """Where a parameter's values come from: the safetensors files of ``cfg.path`` (read one tensor at a
+    time), or the seed (:func:`init_parameter`)."""
+    if cfg.path is None:
+        std = getattr(model.config, "initializer_range", 0.02)
+        return lambda name, tensor: init_parameter(name, tensor, seed, std)
+    return ShardReader(Path(cfg.path))
+
+
+class ShardReader:
+    """Reads single tensors from a model directory's safetensors files (one file or an indexed set)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        elif (root / "model.safetensors").is_file():
+            with safe_open(str(root / "model.safetensors"), framework="pt") as fh:
+                self.where = dict.fromkeys(fh.keys(), "model.safetensors")
+        else:
+            raise ModelError(
+                f"{root} holds no model.safetensors (or its index): tiertune reads weights from safetensors "
+                "files; convert the checkpoint (save_pretrained writes them)"
+            )
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.where:
+            raise ModelError(
+                f"{self.root}: the weights have no tensor {name!r}; is it the model config.json names?"
+            )
+        try:
+            with safe_open(str(self.root / self.where[name]), framework="pt") as fh:
+                value = fh.get_tensor(name)
+        except Exception as e:  # a truncated or damaged file surfaces as several error types
+            raise ModelError(
+                f"cannot read {name} from {self.root / self.where[name]} ({type(e).__name__}: {e}); "
+                "is the directory complete?"
+            ) from None
+        if value.shape != tensor.shape:
+            raise ModelError(
+                f"{self.root}: {name} has shape {tuple(value.shape)}, the model {tuple(tensor.shape)}"
+            )
+        tensor.copy_(value)
+
+
+def init_parameter(name: str, tensor: torch.Tensor, seed: int, std: float) -> None:
+    """Initialise one parameter from ``(seed, name)`` alone, so a block built by itself gets exactly the
+    values it has in the whole model: matrices (linear and embedding weights) from N(0, std), biases 0,
+    norm scales 1, as the HF families do."""
+    if tensor.ndim >= 2:
+        gen = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+        values = torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=gen)
+        tensor.copy_(values)
+    elif name.endswith("bias"):
+        tensor.zero_()
+    else:
+        tensor.fill_(1.0)
+
+
+def parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """For each parameter (by id): every (module, attribute, qualified name) holding it (tied: several)."""
+    users: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for prefix, module in model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                users.setdefault(id(p), []).append((module, attr, f"{prefix}.{attr}" if prefix else attr))
+    return users
+
+
+def materialize(
+    model: nn.Module,
+    source: WeightSource,
+    device: torch.device | str = "cpu",
+    only: dict[str, torch.Tensor] | None = None,
+    users: dict[int, list[tuple[nn.Module, str, str]]] | None = None,
+) -> dict[str, nn.Parameter]:
+    """Replace meta parameters by real ones filled from ``source`` (tied parameters stay tied). ``only``
+    (qualified name -> the memory to use, e.g. a view of a flat buffer) limits it to those parameters.
+    Returns the new parameters by their first qualified name."""
+    users = users if users is not None else parameter_users(model)
+    made: dict[str, nn.Parameter] = {}
+    for holders in users.values():
+        module, attr, name = holders[0]
+        p = module._parameters[attr]
+        if not p.is_meta or (only is not None and name not in only):
+            continue
+        data = only[name] if only is not None else torch.empty(p.shape, dtype=p.dtype, device=device)
+        with torch.no_grad():
+            source(name, data.view(p.shape))
+        new = nn.Parameter(data.view(p.shape), requires_grad=p.requires_grad)
+        for m, a, _ in holders:
+            m._parameters[a] = new
+        made[name] = new
+    return made
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -78,6 +78,11 @@ PRESETS: dict[str, Preset] = {
         "25M-parameter Llama: the tens-of-millions model of the offload equivalence tests",
         _tiny(**_llama(512, 8, 8, 2, 1376, BYTE_VOCAB_SIZE, 1024)),
     ),
+    "llama-1.1b": Preset(
+        "llama",
+        "TinyLlama 1.1B shape (32k vocabulary): the memory benchmark's model",
+        _llama(2048, 22, 32, 4, 5632, 32000, 2048),
+    ),
     "llama-1b": Preset(
         "llama", "Llama 3.2 1B shape", _llama(2048, 16, 32, 8, 8192, 128256, 131072, 500000.0, tie=True)
     ),

@@ -7,6 +7,7 @@ moves a whole block, and one fused kernel can update it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,26 @@ def flatten_params(block: str, params: dict[str, nn.Parameter]) -> FlatParams:
             view.copy_(p.data)
             p.data = view  # same Parameter object, new storage: optimizers and hooks are unaffected
     return FlatParams(block, buffer, slot, list(params), offsets)
+
+
+def flatten_meta(
+    block: str,
+    params: dict[str, nn.Parameter],
+    make: Callable[[dict[str, torch.Tensor]], dict[str, nn.Parameter]],
+    device: torch.device,
+) -> tuple[FlatParams, list[nn.Parameter]]:
+    """Lay out ``params`` (on the meta device: shapes only) in one new buffer and have ``make`` create
+    the real parameters as views into it (name -> view in, name -> parameter out). A block is built
+    straight into its flat buffer: the model never exists whole."""
+    first = next(iter(params.values()))
+    offsets, total = [], 0
+    for p in params.values():
+        offsets.append(total)
+        total += p.numel()
+    buffer, slot = _flat_buffer(total, first.dtype, device)
+    views = {n: buffer[o : o + p.numel()] for (n, p), o in zip(params.items(), offsets)}
+    made = make(views)
+    return FlatParams(block, buffer, slot, list(params), offsets), [made[n] for n in params]
 
 
 def flatten_blocks(model: nn.Module, blocks: list[Block] | None = None) -> list[FlatParams]:

@@ -33,7 +33,7 @@ from tiertune import trace
 from tiertune.memory import Kind, Ledger, Tier
 from tiertune.memory.numa import align_up, numa_empty
 from tiertune.offload.blocks import Block
-from tiertune.offload.flat import FlatParams, flatten_params
+from tiertune.offload.flat import FlatParams, flatten_meta, flatten_params
 from tiertune.offload.planner import WINDOW_EXTRA
 from tiertune.offload.store import Extent, NvmeStore, PendingIO
 
@@ -89,8 +89,11 @@ class BlockStreamer:
         store: NvmeStore | None,
         ledger: Ledger,
         home_nodes: dict[Tier, list[int]] | None = None,
+        make: Callable[[dict[str, torch.Tensor]], dict[str, nn.Parameter]] | None = None,
     ) -> None:
-        """``homes`` maps a block name to the home tier of its weights; ``depth`` blocks are fetched ahead."""
+        """``homes`` maps a block name to the home tier of its weights; ``depth`` blocks are fetched ahead.
+        Parameters still on the meta device are created block by block by ``make`` (see
+        :func:`flatten_meta`) and go to their home at once: a model larger than memory is never whole."""
         if device.type == "cuda" and device.index is None:  # tensors say cuda:0, never plain cuda
             device = torch.device("cuda", torch.cuda.current_device())
         self.model, self.device, self.depth, self.store, self.ledger = model, device, depth, store, ledger
@@ -108,8 +111,14 @@ class BlockStreamer:
             for name, p in b.params.items():
                 groups.setdefault((p.dtype, p.requires_grad), {})[name] = p
             for params in groups.values():
-                fp = flatten_params(b.name, params)
-                f = Flat(len(self.flats), i, fp, list(params.values()), homes[b.name])
+                if next(iter(params.values())).is_meta:
+                    if make is None:
+                        raise ValueError(f"{b.name}: parameters on the meta device and nothing to make them")
+                    fp, made = flatten_meta(b.name, params, make, torch.device("cpu"))
+                    b.params.update(zip(params, made))
+                else:
+                    fp, made = flatten_params(b.name, params), list(params.values())
+                f = Flat(len(self.flats), i, fp, made, homes[b.name])
                 f.shapes = [p.shape for p in f.params]
                 f.dtype, f.numel = fp.buffer.dtype, fp.buffer.numel()
                 self.flats.append(f)

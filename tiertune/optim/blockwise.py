@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch.optim.adamw import adamw
 
 from tiertune.config import OptimConfig
@@ -34,6 +35,7 @@ from tiertune.memory.numa import ALIGN, align_up, numa_empty
 from tiertune.memory.pool import BufferPool, PoolBuffer
 from tiertune.offload.store import Extent, NvmeStore, PendingIO
 from tiertune.offload.streaming import BlockStreamer, Flat
+from tiertune.offload.tensorfile import write_safetensors
 from tiertune.optim.updater import StepReport
 
 STATE_FILE = "optimizer-blocks.safetensors"
@@ -316,16 +318,31 @@ class BlockAdamW:
         return out
 
     def save(self, directory: Path) -> None:
-        tensors = {}
+        """One tensor per parameter and moment, and its step count; written one block at a time."""
+        entries = []
         for s in self.states:
+            for i, (name, shape) in enumerate(zip(s.flat.flat.names, s.flat.shapes)):
+                if s.steps[i]:  # torch keeps no state for a parameter never updated
+                    entries += [
+                        (f"{name}.exp_avg", torch.float32, tuple(shape)),
+                        (f"{name}.exp_avg_sq", torch.float32, tuple(shape)),
+                        (f"{name}.step", torch.float32, (1,)),
+                    ]
+        write_safetensors(directory / STATE_FILE, entries, self._tensors())
+
+    def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for s in self.states:
+            if not any(s.steps):
+                continue
             moments, n = self._moments_of(s), s.flat.numel
-            for i, (name, offset, p) in enumerate(zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.params)):
-                if not s.steps[i]:
-                    continue  # torch keeps no state for a parameter never updated
-                tensors[f"{name}.exp_avg"] = moments[offset : offset + p.numel()].clone()
-                tensors[f"{name}.exp_avg_sq"] = moments[n + offset : n + offset + p.numel()].clone()
-                tensors[f"{name}.step"] = torch.tensor([float(s.steps[i])])
-        save_file(tensors, str(directory / STATE_FILE))
+            for i, (name, offset, shape) in enumerate(
+                zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.shapes)
+            ):
+                if s.steps[i]:
+                    k = shape.numel()
+                    yield f"{name}.exp_avg", moments[offset : offset + k].view(shape)
+                    yield f"{name}.exp_avg_sq", moments[n + offset : n + offset + k].view(shape)
+                    yield f"{name}.step", torch.tensor([float(s.steps[i])])
 
     def load(self, directory: Path) -> None:
         path = directory / STATE_FILE
@@ -334,28 +351,32 @@ class BlockAdamW:
                 f"{directory} holds no {STATE_FILE}: it was written with the optimizer state resident "
                 "(offload.* all device); resume with the placement it was written with"
             )
-        tensors = load_file(str(path))
-        for s in self.states:
-            n = s.flat.numel
-            moments = torch.zeros(2 * n, dtype=torch.float32)
-            for i, (name, offset, p) in enumerate(zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.params)):
-                if f"{name}.step" not in tensors:
-                    s.steps[i] = 0
-                    continue
-                m, v = tensors.pop(f"{name}.exp_avg"), tensors.pop(f"{name}.exp_avg_sq")
-                if m.numel() != p.numel():
-                    raise CheckpointError(
-                        f"{directory}: optimizer state of {name} has {m.numel()} elements, "
-                        f"the parameter {p.numel()}; was it written by a different job?"
-                    )
-                moments[offset : offset + p.numel()] = m
-                moments[n + offset : n + offset + p.numel()] = v
-                s.steps[i] = int(tensors.pop(f"{name}.step").item())
-            self._put_moments(s, moments)
-        if tensors:
+        with safe_open(str(path), framework="pt") as fh:
+            left = set(fh.keys())
+            for s in self.states:
+                n = s.flat.numel
+                moments = torch.zeros(2 * n, dtype=torch.float32)
+                for i, (name, offset, shape) in enumerate(
+                    zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.shapes)
+                ):
+                    if f"{name}.step" not in left:
+                        s.steps[i] = 0
+                        continue
+                    m, v = fh.get_tensor(f"{name}.exp_avg"), fh.get_tensor(f"{name}.exp_avg_sq")
+                    if m.numel() != shape.numel() or v.numel() != shape.numel():
+                        raise CheckpointError(
+                            f"{directory}: optimizer state of {name} has {m.numel()} elements, the "
+                            f"parameter {shape.numel()}; was it written by a different job?"
+                        )
+                    moments[offset : offset + shape.numel()] = m.reshape(-1)
+                    moments[n + offset : n + offset + shape.numel()] = v.reshape(-1)
+                    s.steps[i] = int(fh.get_tensor(f"{name}.step").item())
+                    left -= {f"{name}.exp_avg", f"{name}.exp_avg_sq", f"{name}.step"}
+                self._put_moments(s, moments)
+        if left:
             raise CheckpointError(
                 f"{directory}: optimizer state for parameters this job does not train "
-                f"({sorted(tensors)[:3]}); was it written by a different job?"
+                f"({sorted(left)[:3]}); was it written by a different job?"
             )
 
     def _put_moments(self, s: _State, moments: torch.Tensor) -> None:
