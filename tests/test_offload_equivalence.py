@@ -175,3 +175,15 @@ def test_on_cuda_weights_streamed_from_host_train_like_resident_weights(tmp_path
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-4)
     for name, weight in ref.items():
         torch.testing.assert_close(streamed[name], weight, rtol=0, atol=1e-4, msg=name)
+
+
+def test_training_through_deepspeeds_async_io_matches_plain_pytorch(tmp_path):
+    from tiertune.offload.io import IOBackendUnavailable, load_deepspeed_aio
+
+    try:
+        load_deepspeed_aio()
+    except IOBackendUnavailable as e:
+        pytest.skip(str(e))
+    overrides = ["offload.params=nvme", "offload.optimizer=nvme", "offload.io_backend=deepspeed"]
+    _, rows, weights = _train(tmp_path, *overrides)
+    _assert_matches_reference(tmp_path, rows, weights, *overrides)

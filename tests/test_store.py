@@ -158,3 +158,47 @@ def test_leftovers_of_a_killed_job_are_removed_and_bad_arguments_refused(tmp_pat
         NvmeStore([tmp_path], MIB, block_bytes=1000)
     with pytest.raises(ValueError, match="capacity above 0"):
         NvmeStore([tmp_path], 0)
+
+
+def _deepspeed_store(tmp_path, capacity):
+    try:
+        return NvmeStore([tmp_path], capacity, block_bytes=MIB, backend="deepspeed")
+    except StoreError as e:
+        pytest.skip(f"DeepSpeed's async_io op is not available here: {e}")
+
+
+def test_the_deepspeed_backend_moves_and_checks_the_same_bytes(tmp_path):
+    store = _deepspeed_store(tmp_path, 64 * MIB)
+    try:
+        pool = BufferPool({40 * MIB: 2})
+        src, dst = pool.acquire(40 * MIB - 100), pool.acquire(40 * MIB - 100)
+        src.slot.copy_(torch.randint(0, 255, (src.slot.numel(),), dtype=torch.uint8))
+        extent = store.allocate("x", 40 * MIB - 100)
+        store.write(extent, src.slot).wait()
+        store.read(extent, dst.slot).wait()
+        assert torch.equal(src.tensor, dst.tensor)
+        with open(store.paths[0], "r+b") as fh:  # a flipped byte is caught by the checksums, as with threads
+            fh.seek(extent.stripes[0][1] + 5 * MIB)
+            byte = fh.read(1)
+            fh.seek(-1, 1)
+            fh.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(StoreCorruption):
+            store.read(extent, dst.slot).wait()
+        pool.release(src)
+        pool.release(dst)
+    finally:
+        store.close()
+
+
+def test_asking_for_the_deepspeed_backend_without_it_says_what_to_do(tmp_path, monkeypatch):
+    import tiertune.offload.io as io
+
+    def missing():
+        raise io.IOBackendUnavailable(
+            "offload.io_backend=deepspeed: libaio's headers are missing: install libaio-dev"
+        )
+
+    monkeypatch.setattr(io, "load_deepspeed_aio", missing)
+    with pytest.raises(StoreError, match="install libaio-dev"):
+        NvmeStore([tmp_path], MIB, backend="deepspeed")
+    assert not list(tmp_path.iterdir())  # nothing created, nothing locked

@@ -217,6 +217,11 @@ class OffloadConfig:
     nvme_dir: list[str] = opt(
         [], "directories for the NVMe tier, one per drive (striped); [] : a directory under output_dir"
     )
+    io_backend: Literal["threads", "deepspeed"] = opt(
+        "threads",
+        "NVMe I/O: threads (built in: O_DIRECT preadv/pwritev on a thread pool) or deepspeed (its libaio "
+        "async_io op: needs libaio-dev, compiled on first use, a few minutes once)",
+    )
     machine_profile: str | None = opt(
         None,
         "machine profile from `tiertune probe` for step-time predictions; default: the probe's "

@@ -357,7 +357,9 @@ def _streaming_engine(
             dirs = [store_dir]
         # Extents are rounded to 4 KiB per flat and per optimizer chunk: leave room for that rounding.
         slack = 4096 * (4 * len(plan.blocks) + nvme_bytes // (64 * 2**20) + 16)
-        store = NvmeStore(dirs, nvme_bytes + slack, ledger=ledger)
+        if cfg.offload.io_backend == "deepspeed":
+            say("NVMe I/O through DeepSpeed's async_io op (compiled on first use: a few minutes, once)")
+        store = NvmeStore(dirs, nvme_bytes + slack, ledger=ledger, backend=cfg.offload.io_backend)
         if not cfg.offload.nvme_dir:  # ours alone now (the store holds its lock): deleted after the run
             cleanup = lambda: shutil.rmtree(store_dir, ignore_errors=True)  # noqa: E731
     try:

@@ -10,6 +10,7 @@ worker thread too (zlib releases the GIL), so checksums cost no time on the trai
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Piece:
     file_offset: int
     buffer_offset: int
     nbytes: int
+    path: str = ""  # the file's name, for backends that open it themselves
 
 
 class ThreadPoolIO:
@@ -36,9 +38,11 @@ class ThreadPoolIO:
         self.queue_depth, self.block_bytes = queue_depth, block_bytes
         self._pool = ThreadPoolExecutor(max_workers=queue_depth, thread_name_prefix="tiertune-io")
 
-    def split(self, fd: int, file_offset: int, buffer_offset: int, nbytes: int) -> list[Piece]:
+    def split(
+        self, fd: int, file_offset: int, buffer_offset: int, nbytes: int, path: str = ""
+    ) -> list[Piece]:
         return [
-            Piece(fd, file_offset + done, buffer_offset + done, min(self.block_bytes, nbytes - done))
+            Piece(fd, file_offset + done, buffer_offset + done, min(self.block_bytes, nbytes - done), path)
             for done in range(0, nbytes, self.block_bytes)
         ]
 
@@ -50,6 +54,97 @@ class ThreadPoolIO:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class IOBackendUnavailable(RuntimeError):
+    """The asked-for I/O backend cannot run on this machine (the message says what is missing)."""
+
+
+class DeepSpeedIO:
+    """DeepSpeed's async_io op (libaio, O_DIRECT; it queues ``queue_depth`` requests of ``block_bytes`` in
+    the kernel) behind the same interface: a few worker threads each submit one piece at a time to their
+    own handle and wait for it (the op reports completion per handle, not per request), then checksum it.
+    Its op is compiled on first use (a few minutes, once per machine) and needs the libaio headers."""
+
+    name = "deepspeed"
+    WORKERS = 2
+    PIECE_BYTES = 16 << 20  # libaio splits each piece into block_bytes requests itself
+
+    def __init__(self, queue_depth: int = 8, block_bytes: int = 1 << 20) -> None:
+        self.queue_depth, self.block_bytes = queue_depth, block_bytes
+        self._op = load_deepspeed_aio()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=self.WORKERS, thread_name_prefix="tiertune-aio")
+
+    def split(
+        self, fd: int, file_offset: int, buffer_offset: int, nbytes: int, path: str = ""
+    ) -> list[Piece]:
+        if not path:
+            raise ValueError("the deepspeed backend opens files by name: give the piece's path")
+        step = max(self.PIECE_BYTES, self.block_bytes)
+        return [
+            Piece(fd, file_offset + done, buffer_offset + done, min(step, nbytes - done), path)
+            for done in range(0, nbytes, step)
+        ]
+
+    def _handle(self):  # noqa: ANN202 (the op's own type)
+        if not hasattr(self._local, "handle"):
+            self._local.handle = self._op.aio_handle(self.block_bytes, self.queue_depth, False, True, 1)
+        return self._local.handle
+
+    def _run(self, write: bool, piece: Piece, buffer: torch.Tensor) -> int:
+        chunk = buffer.view(torch.uint8).reshape(-1)[piece.buffer_offset : piece.buffer_offset + piece.nbytes]
+        handle = self._handle()
+        if write:
+            done = handle.sync_pwrite(chunk, piece.path, piece.file_offset)
+        else:
+            done = handle.sync_pread(chunk, piece.path, piece.file_offset)
+        if done < 0:
+            raise OSError(
+                f"libaio {'write' if write else 'read'} of {piece.nbytes} bytes at {piece.file_offset} failed"
+            )
+        return zlib.crc32(memoryview(chunk.numpy()))
+
+    def write(self, piece: Piece, buffer: torch.Tensor) -> Future[int]:
+        return self._pool.submit(self._run, True, piece, buffer)
+
+    def read(self, piece: Piece, buffer: torch.Tensor) -> Future[int]:
+        return self._pool.submit(self._run, False, piece, buffer)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def load_deepspeed_aio():  # noqa: ANN201 (the op's module)
+    """DeepSpeed's async_io op, compiled if needed; :class:`IOBackendUnavailable` says why it cannot be."""
+    try:
+        from deepspeed.ops.op_builder.cpu.async_io import AsyncIOBuilder
+    except ImportError as e:
+        raise IOBackendUnavailable(
+            f"offload.io_backend=deepspeed: DeepSpeed is not installed ({e}); install it with "
+            "`pip install --no-build-isolation deepspeed`, or use offload.io_backend=threads"
+        ) from None
+    builder = AsyncIOBuilder()
+    if not builder.is_compatible():
+        raise IOBackendUnavailable(
+            "offload.io_backend=deepspeed: DeepSpeed's async_io op cannot build here (libaio's headers are "
+            "missing: install libaio-dev, e.g. `apt-get install libaio-dev`); or use offload.io_backend=threads"
+        )
+    try:
+        return builder.load(verbose=False)
+    except Exception as e:  # a compiler or linker failure surfaces as several error types
+        raise IOBackendUnavailable(
+            f"offload.io_backend=deepspeed: building DeepSpeed's async_io op failed ({type(e).__name__}: {e}); "
+            "use offload.io_backend=threads"
+        ) from None
+
+
+def make_io(backend: str, queue_depth: int, block_bytes: int) -> ThreadPoolIO | DeepSpeedIO:
+    if backend == "deepspeed":
+        return DeepSpeedIO(queue_depth, block_bytes)
+    if backend != "threads":
+        raise ValueError(f"unknown I/O backend {backend!r}: threads or deepspeed")
+    return ThreadPoolIO(queue_depth, block_bytes)
 
 
 def _bytes_view(buffer: torch.Tensor) -> memoryview:

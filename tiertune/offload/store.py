@@ -29,7 +29,7 @@ from tiertune import trace
 from tiertune.errors import TiertuneError
 from tiertune.memory import Kind, Ledger, Tier
 from tiertune.memory.pool import ALIGN, align_up
-from tiertune.offload.io import Piece, ThreadPoolIO
+from tiertune.offload.io import IOBackendUnavailable, Piece, make_io
 
 LOCK_NAME = "tiertune-store.lock"
 
@@ -117,6 +117,7 @@ class NvmeStore:
         *,
         queue_depth: int = 8,
         block_bytes: int = 1 << 20,
+        backend: str = "threads",
         ledger: Ledger | None = None,
     ) -> None:
         if not dirs:
@@ -131,7 +132,10 @@ class NvmeStore:
             raise StoreError(f"offload.nvme_dir lists {', '.join(sorted(twice))} more than once")
         self.ledger = ledger
         per_file = align_up(-(-capacity_bytes // len(self.dirs)), block_bytes)
-        self.io = ThreadPoolIO(queue_depth, block_bytes)
+        try:
+            self.io = make_io(backend, queue_depth, block_bytes)
+        except IOBackendUnavailable as e:
+            raise StoreError(str(e)) from None
         self._locks: list[IO[str]] = []
         self._fds: list[int] = []
         self.paths: list[Path] = []
@@ -142,6 +146,12 @@ class NvmeStore:
         except BaseException:
             self.close()
             raise
+        if self.io.name == "deepspeed" and not all(self.direct):
+            self.close()
+            raise StoreError(
+                "offload.io_backend=deepspeed needs O_DIRECT, which a directory of offload.nvme_dir refuses; "
+                "put the store on a local drive, or use offload.io_backend=threads"
+            )
         self.capacity = per_file * len(self.dirs)
         self._next = [0] * len(self.dirs)  # bump pointer per file
         self._free: list[tuple[int, list[tuple[int, int, int]]]] = []  # (aligned bytes, stripes) for reuse
@@ -245,7 +255,7 @@ class NvmeStore:
     def _pieces(self, extent: Extent) -> list[Piece]:
         pieces, at = [], 0
         for f, offset, length in extent.stripes:
-            pieces += self.io.split(self._fds[f], offset, at, length)
+            pieces += self.io.split(self._fds[f], offset, at, length, str(self.paths[f]))
             at += length
         return pieces
 
