@@ -210,3 +210,52 @@ def test_a_sharded_model_directory_loads_block_by_block_into_its_tiers(tmp_path,
         assert all(torch.equal(got[n], expected[n]) for n in got)
     finally:
         engine.close(gather=False)
+
+
+def test_a_model_saved_without_its_head_prefix_loads_block_by_block(tmp_path):
+    """GPT-2 checkpoints on the hub are saved from the base model ("h.0...", "wte.weight")."""
+    import json
+
+    src = build_model(fast_config(tmp_path, "model.preset=tiny-gpt2").model, seed=3)
+    src.transformer.save_pretrained(tmp_path / "base")
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "base" / "config.json").write_text(json.dumps(cfg))
+    engine = _engine(tmp_path / "job", f"model.path={tmp_path / 'base'}", "offload.params=nvme")
+    try:
+        got = engine.trainable_tensors()
+        assert torch.equal(got["transformer.wte.weight"], src.transformer.wte.weight)
+        assert torch.equal(got["transformer.h.1.mlp.c_fc.weight"], src.transformer.h[1].mlp.c_fc.weight)
+    finally:
+        engine.close(gather=False)
+
+
+def test_a_damaged_weights_file_is_a_clear_error(tmp_path):
+    from tiertune.errors import ModelError
+
+    build_model(fast_config(tmp_path).model, seed=0).save_pretrained(tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="is the directory complete"):
+        _engine(tmp_path / "job", f"model.path={tmp_path / 'base'}", "offload.params=nvme")
+
+
+def test_a_streamed_export_is_a_model_directory_other_tools_recognise(tmp_path):
+    import json
+
+    run(fast_config(tmp_path, "offload.params=nvme", "train.max_steps=2"))
+    config = json.loads((tmp_path / "final" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_the_deepspeed_backend_refuses_a_locked_memory_limit_it_would_abort_on(tmp_path, monkeypatch):
+    import resource
+
+    import tiertune.offload.io as io
+
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (64 * 1024, 64 * 1024))
+    monkeypatch.setattr(io.os, "geteuid", lambda: 1000)
+    with pytest.raises(StoreError, match="ulimit -l"):
+        from tiertune.offload import NvmeStore
+
+        NvmeStore([tmp_path], 1 << 20, backend="deepspeed")

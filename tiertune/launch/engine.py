@@ -244,6 +244,7 @@ class StreamingEngine(TrainEngine):
             super().export(method, tokenizer, directory)
             return
         directory.mkdir(parents=True, exist_ok=True)
+        self.model.config.architectures = [type(self.model).__name__]  # as save_pretrained records it
         self.model.config.save_pretrained(directory)
         if getattr(self.model, "generation_config", None) is not None:
             self.model.generation_config.save_pretrained(directory)
@@ -373,7 +374,7 @@ def _streaming_engine(
             store=store,
             ledger=ledger,
             home_nodes={Tier.CXL: list(budgets.cxl_nodes)},
-            make=_maker(model, weight_source(cfg.model, cfg.train.seed, model)),
+            make=_maker(model, lambda: weight_source(cfg.model, cfg.train.seed, model)),
         )
         updater = BlockAdamW(streamer, cfg.optim, optim, next(iter(grads)), store=store, ledger=ledger)
     except BaseException:
@@ -387,10 +388,18 @@ def _streaming_engine(
 
 
 def _maker(
-    model: nn.Module, source: WeightSource
+    model: nn.Module, open_source: Callable[[], WeightSource]
 ) -> Callable[[dict[str, torch.Tensor]], dict[str, nn.Parameter]]:
+    """Makes a block's meta parameters; the weights' source is opened only when one is needed."""
     users = parameter_users(model)  # once: a block's parameters are made in one call each
-    return lambda views: materialize(model, source, only=views, users=users)
+    source: list[WeightSource] = []
+
+    def make(views: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+        if not source:
+            source.append(open_source())
+        return materialize(model, source[0], only=views, users=users)
+
+    return make
 
 
 def _describe(plan: Plan, store: NvmeStore | None, temporary: bool) -> str:

@@ -29,6 +29,7 @@ from tiertune.launch.models import (
     check_vocab,
     count_parameters,
     describe,
+    has_safetensors,
     load_tokenizer,
     skeleton,
     weights_fingerprint,
@@ -110,7 +111,7 @@ def _run(
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    if cfg.tuning.method == "full":
+    if cfg.tuning.method == "full" and (cfg.model.path is None or has_safetensors(cfg.model.path)):
         # Parameters on the meta device: the engine makes each block where the plan puts it (from the seed
         # or read from the model's safetensors files), so a model larger than memory never exists whole.
         model = skeleton(cfg.model)

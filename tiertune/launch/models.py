@@ -85,27 +85,42 @@ def weight_source(cfg: ModelConfig, seed: int, model: nn.Module) -> WeightSource
     if cfg.path is None:
         std = getattr(model.config, "initializer_range", 0.02)
         return lambda name, tensor: init_parameter(name, tensor, seed, std)
-    return ShardReader(Path(cfg.path))
+    return ShardReader(Path(cfg.path), getattr(model, "base_model_prefix", ""))
+
+
+def has_safetensors(path: str | Path) -> bool:
+    """Whether a model directory's weights are in safetensors files (else it is loaded whole)."""
+    root = Path(path)
+    return (root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file()
 
 
 class ShardReader:
     """Reads single tensors from a model directory's safetensors files (one file or an indexed set)."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path, prefix: str = "") -> None:
+        self.root, self.prefix = root, f"{prefix}." if prefix else ""
         index = root / "model.safetensors.index.json"
-        if index.is_file():
-            self.where = json.loads(index.read_text())["weight_map"]
-        elif (root / "model.safetensors").is_file():
-            with safe_open(str(root / "model.safetensors"), framework="pt") as fh:
-                self.where = dict.fromkeys(fh.keys(), "model.safetensors")
-        else:
+        try:
+            if index.is_file():
+                self.where = json.loads(index.read_text())["weight_map"]
+            elif (root / "model.safetensors").is_file():
+                with safe_open(str(root / "model.safetensors"), framework="pt") as fh:
+                    self.where = dict.fromkeys(fh.keys(), "model.safetensors")
+            else:
+                raise ModelError(
+                    f"{root} holds no model.safetensors (or its index): tiertune reads weights from "
+                    "safetensors files; convert the checkpoint (save_pretrained writes them)"
+                )
+        except ModelError:
+            raise
+        except Exception as e:  # a damaged file or index surfaces as several error types
             raise ModelError(
-                f"{root} holds no model.safetensors (or its index): tiertune reads weights from safetensors "
-                "files; convert the checkpoint (save_pretrained writes them)"
-            )
+                f"cannot read the weights' table in {root} ({type(e).__name__}: {e}); is the directory complete?"
+            ) from None
 
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.where and name.startswith(self.prefix):
+            name = name[len(self.prefix) :]  # saved from the base model (GPT-2 on the hub: "h.0...")
         if name not in self.where:
             raise ModelError(
                 f"{self.root}: the weights have no tensor {name!r}; is it the model config.json names?"

@@ -10,6 +10,7 @@ worker thread too (zlib releases the GIL), so checksums cost no time on the trai
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,7 +73,23 @@ class DeepSpeedIO:
 
     def __init__(self, queue_depth: int = 8, block_bytes: int = 1 << 20) -> None:
         self.queue_depth, self.block_bytes = queue_depth, block_bytes
+        # The op copies each piece through a page-locked buffer of its size and aborts the process when
+        # locking fails: keep the pieces inside the locked-memory limit, or refuse to start.
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        lockable = None if soft == resource.RLIM_INFINITY or os.geteuid() == 0 else soft
+        self.piece_bytes = self.PIECE_BYTES
+        if lockable is not None:
+            self.piece_bytes = (
+                min(self.PIECE_BYTES, lockable // (2 * self.WORKERS)) // block_bytes * block_bytes
+            )
+            if self.piece_bytes < block_bytes:
+                raise IOBackendUnavailable(
+                    f"offload.io_backend=deepspeed locks memory for its transfers, and this process may lock "
+                    f"only {soft >> 10} KiB (ulimit -l); raise the limit, or use offload.io_backend=threads"
+                )
         self._op = load_deepspeed_aio()
+        self._first_write = threading.Lock()  # the op's first write logs a warning holding the GIL
+        self._warmed = False
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=self.WORKERS, thread_name_prefix="tiertune-aio")
 
@@ -81,7 +98,7 @@ class DeepSpeedIO:
     ) -> list[Piece]:
         if not path:
             raise ValueError("the deepspeed backend opens files by name: give the piece's path")
-        step = max(self.PIECE_BYTES, self.block_bytes)
+        step = max(self.piece_bytes, self.block_bytes)
         return [
             Piece(fd, file_offset + done, buffer_offset + done, min(step, nbytes - done), path)
             for done in range(0, nbytes, step)
@@ -95,7 +112,11 @@ class DeepSpeedIO:
     def _run(self, write: bool, piece: Piece, buffer: torch.Tensor) -> int:
         chunk = buffer.view(torch.uint8).reshape(-1)[piece.buffer_offset : piece.buffer_offset + piece.nbytes]
         handle = self._handle()
-        if write:
+        if write and not self._warmed:
+            with self._first_write:  # one thread at a time until the op's one-off warning is out
+                done = handle.sync_pwrite(chunk, piece.path, piece.file_offset)
+                self._warmed = True
+        elif write:
             done = handle.sync_pwrite(chunk, piece.path, piece.file_offset)
         else:
             done = handle.sync_pread(chunk, piece.path, piece.file_offset)
