@@ -18,21 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import TIMED_JOB  # benchmarks/, the script's own directory
 
 from tiertune.config import load_config
 from tiertune.launch.data import BatchStream, build_splits
 from tiertune.launch.loop import run
 from tiertune.launch.models import build_model, load_tokenizer
 from tiertune.launch.progress import quiet_libraries
-
-JOB = [
-    "train.progress=off",
-    "train.checkpoint_every=0",
-    "train.eval_every=0",
-    "train.eval_max_batches=1",
-    "train.eval_exact_match_samples=0",
-    "optim.warmup_steps=0",
-]
 
 
 def bare_step_times(cfg, steps: int) -> list[float]:
@@ -56,7 +48,7 @@ def bare_step_times(cfg, steps: int) -> list[float]:
 
 
 def tiertune_step_times(steps: int, out: Path) -> list[float]:
-    run(load_config(None, [*JOB, f"train.max_steps={steps}", f"output_dir={out}"]))
+    run(load_config(None, [*TIMED_JOB, f"train.max_steps={steps}", f"output_dir={out}"]))
     return [json.loads(line)["step_time_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -66,7 +58,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     quiet_libraries()
-    cfg = load_config(None, [*JOB, f"train.max_steps={args.steps}"])
+    cfg = load_config(None, [*TIMED_JOB, f"train.max_steps={args.steps}"])
     bare, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):

@@ -24,18 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from _timing import TIMED_JOB  # benchmarks/, the script's own directory
+
 from tiertune.config import load_config
 from tiertune.launch.loop import run
 from tiertune.launch.progress import quiet_libraries
 
-JOB = [
-    "train.progress=off",
-    "train.checkpoint_every=0",
-    "train.eval_every=0",
-    "train.eval_max_batches=1",
-    "train.eval_exact_match_samples=0",
-    "optim.warmup_steps=0",
-]
 PLACEMENTS = {
     "ram": [],
     "block": ["offload.optimizer=host"],
@@ -44,7 +38,7 @@ PLACEMENTS = {
 
 
 def step_times(overrides: list[str], steps: int, out: Path) -> tuple[list[float], dict]:
-    cfg = load_config(None, [*JOB, *overrides, f"train.max_steps={steps}", f"output_dir={out}"])
+    cfg = load_config(None, [*TIMED_JOB, *overrides, f"train.max_steps={steps}", f"output_dir={out}"])
     stamps: list[float] = []
     summary = run(cfg, callbacks=[lambda row: stamps.append(time.perf_counter())])
     return [b - a for a, b in zip(stamps[1:], stamps[2:])], summary.memory

@@ -348,7 +348,7 @@ def _streaming_engine(
     nvme_bytes = sum(b.bytes[k] for b in plan.blocks for k in b.home if b.home[k] is Tier.NVME)
     if nvme_bytes:
         if cfg.offload.nvme_dir:
-            dirs = [Path(d) for d in cfg.offload.nvme_dir]
+            dirs = nvme_dirs(cfg)
         else:
             if store_dir is None:
                 raise ConfigError(

@@ -31,7 +31,7 @@ class FlatParams:
         return self.buffer.numel() * self.buffer.element_size()
 
 
-def _flat_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def flat_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(the typed buffer, its whole 4 KiB-padded memory as uint8)."""
     nbytes = align_up(numel * dtype.itemsize)
     raw = (
@@ -49,7 +49,7 @@ def flatten_params(block: str, params: dict[str, nn.Parameter]) -> FlatParams:
     for p in params.values():
         offsets.append(total)
         total += p.numel()
-    buffer, slot = _flat_buffer(total, first.dtype, first.device)
+    buffer, slot = flat_buffer(total, first.dtype, first.device)
     with torch.no_grad():
         for offset, p in zip(offsets, params.values()):
             view = buffer[offset : offset + p.numel()].view(p.shape)
@@ -72,7 +72,7 @@ def flatten_meta(
     for p in params.values():
         offsets.append(total)
         total += p.numel()
-    buffer, slot = _flat_buffer(total, first.dtype, device)
+    buffer, slot = flat_buffer(total, first.dtype, device)
     views = {n: buffer[o : o + p.numel()] for (n, p), o in zip(params.items(), offsets)}
     made = make(views)
     return FlatParams(block, buffer, slot, list(params), offsets), [made[n] for n in params]

@@ -9,6 +9,7 @@ worker thread too (zlib releases the GIL), so checksums cost no time on the trai
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import threading
@@ -112,12 +113,11 @@ class DeepSpeedIO:
     def _run(self, write: bool, piece: Piece, buffer: torch.Tensor) -> int:
         chunk = buffer.view(torch.uint8).reshape(-1)[piece.buffer_offset : piece.buffer_offset + piece.nbytes]
         handle = self._handle()
-        if write and not self._warmed:
-            with self._first_write:  # one thread at a time until the op's one-off warning is out
+        if write:
+            # One thread at a time until the op's one-off warning (logged holding the GIL) is out.
+            with self._first_write if not self._warmed else contextlib.nullcontext():
                 done = handle.sync_pwrite(chunk, piece.path, piece.file_offset)
                 self._warmed = True
-        elif write:
-            done = handle.sync_pwrite(chunk, piece.path, piece.file_offset)
         else:
             done = handle.sync_pread(chunk, piece.path, piece.file_offset)
         if done < 0:

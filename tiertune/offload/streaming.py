@@ -23,7 +23,7 @@ an evicted flat is simply dropped. Hooks are removable (:meth:`close`).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -104,7 +104,6 @@ class BlockStreamer:
         self._clock = 0
         self.backward = False  # set by the engine around loss.backward(): prefetch runs the other way
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.reads = self.writes = 0  # flats fetched from / written to a home off the device, for tests
         self.waits = 0  # times a flat was needed while its fetch was still in flight
         for i, b in enumerate(blocks):
             groups: dict[tuple[torch.dtype, bool], dict[str, nn.Parameter]] = {}
@@ -266,7 +265,6 @@ class BlockStreamer:
     def _start_fetch(self, f: Flat, slot: torch.Tensor) -> None:
         f.slot = slot
         self._owner[self._slot_index(slot)] = f
-        self.reads += 1
         if f.home is Tier.NVME:
             if self.cuda:
                 raise NotImplementedError("weights on NVMe with a CUDA device: not in this release")
@@ -306,10 +304,8 @@ class BlockStreamer:
         if f.home is Tier.NVME:
             self._wait_write(f)
             f.writing = self.store.write(f.extent, f.slot)
-            self.writes += 1
         elif f.streamed:  # host or CXL home: copy back (the window copy stays valid)
             f.home_buffer.copy_(f.slot.view(f.dtype)[: f.numel])
-            self.writes += 1
 
     def refresh(self, f: Flat) -> None:
         """The flat's home changed (a host-side update): drop the stale window copy."""
@@ -384,9 +380,6 @@ class BlockStreamer:
         for f, data in copies.items():  # only now: fetching one flat may evict another
             f.slot = None
             self._point(f, data)
-
-    def iter_flats(self, order: str = "forward") -> Iterator[Flat]:
-        return iter(self.flats if order == "forward" else reversed(self.flats))
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ from torch.optim.adamw import adamw
 from tiertune.config import OptimConfig
 from tiertune.errors import CheckpointError
 from tiertune.memory import Kind, Ledger, Tier
-from tiertune.memory.numa import ALIGN, align_up, numa_empty
+from tiertune.memory.numa import ALIGN, align_up
 from tiertune.memory.pool import BufferPool, PoolBuffer
+from tiertune.offload.flat import flat_buffer
 from tiertune.offload.store import Extent, NvmeStore, PendingIO
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import write_safetensors
@@ -40,11 +41,7 @@ from tiertune.optim.updater import StepReport
 
 STATE_FILE = "optimizer-blocks.safetensors"
 DEFAULT_CHUNK_BYTES = 128 * 2**20  # optimizer state on NVMe moves in chunks of at most this many bytes
-
-
-def _host_fp32(numel: int) -> torch.Tensor:
-    """A 1-D fp32 buffer in host memory (the CPU update's memory), page-aligned."""
-    return numa_empty(align_up(numel * 4)).view(torch.float32)[:numel]
+_HOST = torch.device("cpu")  # gradients and in-memory state live where the CPU update runs
 
 
 def _settle(io: PendingIO | None) -> None:
@@ -97,7 +94,7 @@ class BlockAdamW:
             if not f.trainable:
                 continue
             home = homes[f.flat.block]
-            grad = _host_fp32(f.numel)
+            grad = flat_buffer(f.numel, torch.float32, _HOST)[0]
             self.ledger.add(grads_tier, Kind.GRADS, align_up(f.numel * 4))
             s = _State(
                 f,
@@ -115,7 +112,7 @@ class BlockAdamW:
                     ext = store.allocate(f"{f.flat.block}#{f.index}.adam[{start}]", 8 * (stop - start))
                     s.chunks.append(_Chunk(start, stop, ext))
             else:
-                s.moments = _host_fp32(2 * f.numel)
+                s.moments = flat_buffer(2 * f.numel, torch.float32, _HOST)[0]
                 s.moments.zero_()
                 s.chunks.append(_Chunk(0, f.numel))
                 self.ledger.add(home, Kind.OPTIMIZER, align_up(8 * f.numel))
