@@ -1,24 +1,28 @@
 """Optimizer state on NVMe against the same training step with everything in RAM, side by side in one run.
 
     bash scripts/venv-run python benchmarks/overlap.py [--preset small-llama] [--steps 8] [--repeats 2]
+                                                      [--trace DIR]
 
 Three placements of one seeded job train in turn (ram, block, nvme, ram, block, nvme, ...), so machine
 noise hits all of them:
 
 - ram: everything resident, torch's fused AdamW (the engine tiertune picks when everything fits);
 - block: the block engine with the optimizer state in RAM (the same update code as nvme, no I/O);
-- nvme: the block engine with the optimizer state on an NVMe store, streamed through the update in
-  chunks (read j+1 | update j | write j-1).
+- nvme: the block engine with the optimizer state on an NVMe store: each block's update runs just before
+  the block's next forward, its state read ahead and written back in chunks while the compute goes on.
 
 It prints the median step time of each and the ratios nvme/ram and nvme/block (goal: nvme/ram at most
 1.25 once the batch makes compute longer than the state's I/O), and the NVMe bytes moved per step.
 The first two steps of each run are warm-up and not counted. Pass --nvme-dir to put the store on a
-particular drive (default: a temporary directory).
+particular drive (default: a temporary directory). --trace DIR adds one traced nvme run (not timed) whose
+trace.json and memory.png stay in DIR, and prints what the trace shows: how long the drive was busy per
+step, how much of that ran during forward and backward, and how long the compute waited for state.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--nvme-dir", default=None)
+    parser.add_argument("--trace", default=None, metavar="DIR")
     args = parser.parse_args()
     quiet_libraries()
     shape = [
@@ -79,6 +84,42 @@ def main() -> None:
     print(f"  ratio nvme/ram   {med['nvme'] / med['ram']:.3f}  (goal <= 1.25)")
     print(f"  ratio nvme/block {med['nvme'] / med['block']:.3f}  (the I/O alone)")
     print(f"  ratio block/ram  {med['block'] / med['ram']:.3f}  (the block engine alone)")
+    if args.trace:
+        out = Path(args.trace)
+        cfg = load_config(
+            None,
+            [*TIMED_JOB, *shape, *PLACEMENTS["nvme"], f"train.max_steps={args.steps}"]
+            + [f"output_dir={out}", "train.trace=true", "train.resume=never"],
+        )
+        run(cfg)
+        busy, hidden, waited = trace_overlap(out / "trace.json")
+        print(f"trace of an nvme run: {out / 'trace.json'} (open in ui.perfetto.dev), {out / 'memory.png'}")
+        print(
+            f"  NVMe busy {busy / args.steps:.1f} ms per step, {hidden / max(busy, 1e-9):.0%} of it during forward or backward"
+        )
+        print(f"  the compute waited {waited / args.steps:.1f} ms per step for optimizer state")
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def trace_overlap(path: Path) -> tuple[float, float, float]:
+    """(ms the drive was busy, ms of that inside forward or backward, ms the compute waited for state)."""
+    events = json.loads(path.read_text())["traceEvents"]
+    track = {e["tid"]: e["args"]["name"] for e in events if e.get("name") == "thread_name"}
+    spans = [(track[e["tid"]], e["name"], e["ts"], e["ts"] + e["dur"]) for e in events if e["ph"] == "X"]
+    io = _union([(a, b) for t, _, a, b in spans if t.startswith("nvme")])
+    compute = _union([(a, b) for t, n, a, b in spans if t == "compute" and n in ("forward", "backward")])
+    hidden = sum(max(0.0, min(b, d) - max(a, c)) for a, b in io for c, d in compute)
+    waited = sum(b - a for t, n, a, b in spans if t.startswith("compute") and n.endswith(" state"))
+    return sum(b - a for a, b in io) / 1e3, hidden / 1e3, waited / 1e3
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from tiertune.launch.loop import run
 from tiertune.offload import io as offload_io
-from tiertune.offload import streaming
+from tiertune.offload import planner, streaming
+from tiertune.optim import blockwise
 
 # As in test_equivalence: fused AdamW (tiertune) vs. the for-loop one (reference) differ by float32
 # rounding only. The placements themselves change nothing: see test_placement_changes_no_bit.
@@ -35,7 +36,7 @@ CASES = {
     # (b) weights and optimizer state on NVMe: weights streamed through a 2-slot window (depth 0)
     "params-optimizer-nvme": ["offload.params=nvme", "offload.optimizer=nvme", "offload.prefetch_depth=0"],
     # (c) a host budget too small for the whole state: the planner moves weights and state to NVMe
-    "host-budget-evicts": ["memory.host_budget_gib=0.065"],
+    "host-budget-evicts": ["memory.host_budget_gib=0.065", "offload.prefetch_depth=1"],
     # (b) under activation checkpointing: the recomputed forward fetches the weights again
     "nvme-activation-checkpointing": [
         "offload.params=nvme",
@@ -52,7 +53,8 @@ def _train(tmp_path, *overrides):
     cfg = fast_config(tmp_path, *COMMON, *overrides)
     summary = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    weights = load_file(str(tmp_path / "checkpoints" / "step-00000006" / "trainable.safetensors"))
+    checkpoint = tmp_path / "checkpoints" / "step-00000006" / "trainable.safetensors"
+    weights = load_file(str(checkpoint if checkpoint.exists() else tmp_path / "final" / "model.safetensors"))
     return summary, rows, weights
 
 
@@ -160,6 +162,51 @@ def test_the_race_test_catches_a_missing_wait(tmp_path, slow_reads, monkeypatch)
     except Exception:  # noqa: BLE001 (a torn state may also fail loudly: that is caught too)
         return
     ref_losses, _ = reference_run(fast_config(tmp_path / "reference", *COMMON, *RACE))
+    assert [r["loss"] for r in rows] != pytest.approx(ref_losses, rel=LOSS_RTOL)
+
+
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """Every NVMe write piece sleeps first: state written back is still on its way when the next step's
+    chunks are read ahead."""
+    delayed = {"n": 0}
+    lock = threading.Lock()
+    pwrite = offload_io._pwrite
+
+    def late(piece, view):
+        time.sleep(0.02)
+        with lock:
+            delayed["n"] += 1
+        return pwrite(piece, view)
+
+    monkeypatch.setattr(offload_io, "_pwrite", late)
+    return delayed
+
+
+# The optimizer state only on NVMe, in fewer chunks than staging slots: the read-ahead comes round to the
+# chunks the step has just written. No checkpoint before the end: every update runs inside the forward.
+WRITE_RACE = ["offload.optimizer=nvme", "train.checkpoint_every=0"]
+
+
+@pytest.fixture
+def many_slots(monkeypatch):
+    monkeypatch.setattr(planner, "OPTIMIZER_SLOTS", 12)
+
+
+def test_state_is_not_read_back_before_its_write_lands(tmp_path, slow_writes, many_slots):
+    _, rows, weights = _train(tmp_path, *WRITE_RACE)
+    assert slow_writes["n"] > 0
+    _assert_matches_reference(tmp_path, rows, weights, *WRITE_RACE)
+
+
+def test_the_write_race_test_catches_a_missing_wait(tmp_path, slow_writes, many_slots, monkeypatch):
+    """The control: reading a chunk ahead while its write is in flight gives stale or torn state."""
+    monkeypatch.setattr(blockwise.BlockAdamW, "_writing", lambda self, unit: False)
+    try:
+        _, rows, _ = _train(tmp_path, *WRITE_RACE)
+    except Exception:  # noqa: BLE001 (a torn chunk fails its checksum: that is caught too)
+        return
+    ref_losses, _ = reference_run(fast_config(tmp_path / "reference", *COMMON, *WRITE_RACE))
     assert [r["loss"] for r in rows] != pytest.approx(ref_losses, rel=LOSS_RTOL)
 
 

@@ -53,8 +53,55 @@ def test_a_failed_optimizer_state_write_stops_the_step_with_a_clear_error(tmp_pa
     try:
         engine.forward_backward(BATCH, 62)
         _failing_writes(monkeypatch, after=0)  # the very last chunk's write too: nothing is dropped
+        engine.step(1e-3)  # the update itself runs when the blocks are next used, or here:
         with pytest.raises(StoreError, match="writing .* to the NVMe store failed: Input/output error"):
-            engine.step(1e-3)
+            engine.updater.flush()
+    finally:
+        engine.close(gather=False)
+
+
+def test_a_step_updates_each_block_just_before_its_next_use(tmp_path):
+    engine = _engine(tmp_path, "offload.optimizer=nvme", "offload.params=nvme")
+    try:
+        engine.forward_backward(BATCH, 62)
+        before = engine.trainable_tensors()
+        engine.step(1e-3)
+        assert engine.updater.pending  # nothing changed yet: the step only clipped and marked the blocks
+        embed = engine.streamer.flats[0]
+        assert embed.trainable and torch.equal(
+            engine.streamer.resident(embed)[:8], before[embed.flat.names[0]].reshape(-1)[:8]
+        )
+        with torch.no_grad():
+            engine.model(input_ids=IDS)  # the forward's pre-hooks run every pending update
+        assert not engine.updater.pending
+        after = engine.trainable_tensors()
+        assert all(not torch.equal(after[n], before[n]) for n in before)
+    finally:
+        engine.close(gather=False)
+
+
+def test_a_block_used_without_its_pending_update_is_an_error_not_a_stale_gradient(tmp_path):
+    engine = _engine(tmp_path, "offload.optimizer=host")
+    try:
+        engine.forward_backward(BATCH, 62)
+        engine.step(1e-3)
+        engine.streamer.before_use = None  # a forward that skips the update (a hook taken away)
+        with pytest.raises(RuntimeError, match="before the block's pending update ran"):
+            engine.forward_backward(BATCH, 62)
+    finally:
+        engine.close(gather=False)
+
+
+def test_a_non_finite_gradient_leaves_nothing_pending(tmp_path):
+    engine = _engine(tmp_path, "offload.optimizer=nvme")
+    try:
+        engine.forward_backward(BATCH, 62)
+        engine.updater.states[0].grad[0] = float("inf")
+        before = engine.trainable_tensors()
+        assert engine.step(1e-3).skipped
+        assert not engine.updater.pending
+        engine.forward_backward(BATCH, 62)  # training goes on from the same weights
+        assert all(torch.equal(t, before[n]) for n, t in engine.trainable_tensors().items())
     finally:
         engine.close(gather=False)
 
@@ -120,6 +167,7 @@ def test_updating_a_block_waits_for_the_previous_write_of_its_slot(tmp_path, mon
         for _ in range(2):
             engine.forward_backward(BATCH, 62)
             engine.step(1e-3)
+            engine.updater.flush()  # the updates run now rather than in the next forward
             assert any(f.writing is not None for f in engine.streamer.flats)  # writes still in flight
         engine.streamer.drain()
         weights = engine.trainable_tensors()

@@ -30,7 +30,7 @@ from tiertune.launch.plan import nvme_dirs, nvme_free_bytes, plan_model
 from tiertune.launch.progress import say
 from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
 from tiertune.offload import find_blocks
-from tiertune.offload.planner import Plan
+from tiertune.offload.planner import OPTIMIZER_SLOTS, Plan
 from tiertune.offload.store import NvmeStore
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import write_safetensors
@@ -194,6 +194,7 @@ class StreamingEngine(TrainEngine):
 
     def _weights(self, flats: list[Flat]) -> Iterator[tuple[str, torch.Tensor]]:
         """Each parameter of ``flats`` as (name, tensor), read from its home one flat at a time."""
+        self.updater.flush()
         self.streamer.drain()
         for f in flats:
             data = self.streamer.resident(f)
@@ -219,6 +220,7 @@ class StreamingEngine(TrainEngine):
             self.store.sync()
 
     def load(self, directory: Path) -> None:
+        self.updater.flush()
         names = {n for f in self.streamer.flats if f.trainable for n in f.flat.names}
         with safe_open(str(directory / TRAINABLE_FILE), framework="pt") as fh:
             _check_names(directory, set(fh.keys()), names)
@@ -258,7 +260,14 @@ class StreamingEngine(TrainEngine):
             return
         self._closed = True
         try:
-            self.streamer.close(gather=gather)
+            try:
+                if gather:  # the weights are final once the last step's updates have run
+                    self.updater.flush()
+            except BaseException:
+                gather = False
+                raise
+            finally:
+                self.streamer.close(gather=gather)
         finally:
             try:
                 self.updater.close()
@@ -376,7 +385,15 @@ def _streaming_engine(
             home_nodes={Tier.CXL: list(budgets.cxl_nodes)},
             make=_maker(model, lambda: weight_source(cfg.model, cfg.train.seed, model)),
         )
-        updater = BlockAdamW(streamer, cfg.optim, optim, next(iter(grads)), store=store, ledger=ledger)
+        updater = BlockAdamW(
+            streamer,
+            cfg.optim,
+            optim,
+            next(iter(grads)),
+            store=store,
+            ledger=ledger,
+            slots=plan.buffers.get("optimizer", (0, OPTIMIZER_SLOTS))[1],  # as many as the plan counted
+        )
     except BaseException:
         if store is not None:
             store.close()

@@ -36,6 +36,9 @@ _PRIORITY = {
 # (its backward may still read its weights while the next block is fetched).
 WINDOW_EXTRA = 2
 OPTIMIZER_CHUNK_BYTES = 128 * 2**20  # NVMe optimizer state streams through the update in chunks this big
+# Staging slots for NVMe optimizer state: chunks read ahead (during the step before), one being updated,
+# and writes still in flight.
+OPTIMIZER_SLOTS = 4
 CXL_CPU_SLOWDOWN = 4.0  # CPU Adam on CXL-resident state vs local DRAM, for tensors past ~20M elements
 
 # Used when no machine profile exists: deliberately modest, so predictions err on the slow side.
@@ -259,13 +262,13 @@ def _staging(
     depth: int, biggest: dict[Kind, int], moved: set[Kind], device_is_host: bool
 ) -> dict[str, tuple[int, int]]:
     """Pool slots (size, count) for what moves: weights in flight (the window plus the one being filled),
-    gradients leaving (double buffered), optimizer state streaming (read j+1 | update j | write j-1).
+    gradients leaving (double buffered), optimizer state streaming (reads ahead | update j | writes).
     Without an accelerator the weights are computed on straight from their pool slots: the device window
     is those slots, so they are not counted twice."""
     slots = {
         Kind.PARAMS: ("weights", depth + WINDOW_EXTRA),
         Kind.GRADS: ("grads", 2),
-        Kind.OPTIMIZER: ("optimizer", 3),
+        Kind.OPTIMIZER: ("optimizer", OPTIMIZER_SLOTS),
     }
     if device_is_host:  # gradients are summed straight into their home: nothing to stage
         moved = moved - {Kind.PARAMS, Kind.GRADS}

@@ -4,7 +4,7 @@ A store owns one file per directory (``offload.nvme_dir``; several directories s
 several drives, so their bandwidths add up). The files are preallocated at start, so a full disk is found
 before training, not in the middle of a step. Every extent is 4 KiB-aligned for O_DIRECT; where a
 filesystem refuses O_DIRECT (tmpfs, some overlays) the store falls back to buffered I/O with a warning.
-Every piece written gets a CRC32, checked when it is read back: a corrupted byte is an error, never a
+Every piece written gets a CRC32C, checked when it is read back: a corrupted byte is an error, never a
 silently wrong weight. A lock file keeps a second job out of a store that is in use.
 """
 

@@ -103,6 +103,9 @@ class BlockStreamer:
         self._poison: dict[torch.dtype, torch.Tensor] = {}
         self._clock = 0
         self.backward = False  # set by the engine around loss.backward(): prefetch runs the other way
+        # Called with a block's index before a module computes with its weights: the optimizer runs the
+        # block's pending update there (see tiertune.optim.blockwise).
+        self.before_use: Callable[[int], None] | None = None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.waits = 0  # times a flat was needed while its fetch was still in flight
         for i, b in enumerate(blocks):
@@ -329,12 +332,14 @@ class BlockStreamer:
             needs = {owner[id(p)] for p in module.parameters(recurse=False) if id(p) in owner}
             if name in self._layer_roots:
                 needs.add(self._layer_roots[name])
-            if needs and any(f.streamed for i in needs for f in self.by_block[i]):
+            if needs:
                 self._hooks.append(module.register_forward_pre_hook(self._pre_hook(sorted(needs))))
 
     def _pre_hook(self, needs: list[int]) -> Callable:
         def hook(module: nn.Module, args: object) -> None:
             for i in needs:
+                if self.before_use is not None:
+                    self.before_use(i)
                 self.need(i)
 
         return hook

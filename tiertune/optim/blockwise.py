@@ -1,16 +1,27 @@
-"""AdamW over flat blocks, each block's state where the plan put it.
+"""AdamW over flat blocks, each block's state where the plan put it, each block updated just before its
+next use.
 
 Gradients leave autograd as soon as each parameter's gradient is complete: a post-accumulate hook adds it
 into the block's fp32 gradient buffer in the gradient home and drops the parameter's ``.grad``, so no
-full set of gradients ever builds up on the device. The step then:
+full set of gradients ever builds up on the device. :meth:`BlockAdamW.step` then:
 
 1. computes the global gradient norm exactly as ``torch.nn.utils.clip_grad_norm_`` does (per-tensor norms,
    then the norm of those) and scales the gradients by the same clamped coefficient;
-2. updates block after block, in forward order, with torch's fused AdamW kernel on views of the flat
-   buffers (the same per-element arithmetic as ``torch.optim.AdamW(fused=True)``). State on NVMe streams
-   through three staging slots in chunks: the read of chunk j+1 and the write of chunk j-1 are in flight
-   while chunk j is updated;
-3. sends each block's new weights home (the streamer writes NVMe-homed weights back).
+2. marks every block that got a gradient as *pending* and returns. A pending block is updated when
+   something is about to use its weights: the streamer's forward pre-hook calls :meth:`ensure` (so the
+   next step's forward runs block by block over freshly updated blocks, and the update's NVMe traffic
+   hides behind the compute of the blocks before and after it), and :meth:`flush` updates whatever is
+   left before a checkpoint, an export or the next step. The numbers are those of an update right after
+   backward: the clipping coefficient is known by then, and nothing reads a block's weights, moments or
+   gradient before its update;
+3. updates a block with torch's fused AdamW kernel on views of the flat buffers (the same per-element
+   arithmetic as ``torch.optim.AdamW(fused=True)``) and sends its new weights home (the streamer writes
+   NVMe-homed weights back).
+
+Optimizer state on NVMe moves in chunks through a few staging slots, as a ring: chunks are read ahead in
+update order as soon as a slot is free (after the last update of a step, the first chunks of the next
+one are read while its forward and backward run), a chunk is updated in its slot, then written back
+while the compute goes on. A chunk is never read while its own write is in flight.
 
 A parameter that got no gradient in a step is left alone, moments included, as torch does.
 """
@@ -28,19 +39,20 @@ import torch
 from safetensors import safe_open
 from torch.optim.adamw import adamw
 
+from tiertune import trace
 from tiertune.config import OptimConfig
 from tiertune.errors import CheckpointError
 from tiertune.memory import Kind, Ledger, Tier
 from tiertune.memory.numa import ALIGN, align_up
 from tiertune.memory.pool import BufferPool, PoolBuffer
 from tiertune.offload.flat import flat_buffer
+from tiertune.offload.planner import OPTIMIZER_CHUNK_BYTES, OPTIMIZER_SLOTS
 from tiertune.offload.store import Extent, NvmeStore, PendingIO
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import write_safetensors
 from tiertune.optim.updater import StepReport
 
 STATE_FILE = "optimizer-blocks.safetensors"
-DEFAULT_CHUNK_BYTES = 128 * 2**20  # optimizer state on NVMe moves in chunks of at most this many bytes
 _HOST = torch.device("cpu")  # gradients and in-memory state live where the CPU update runs
 
 
@@ -56,6 +68,7 @@ class _Chunk:
     start: int  # element range of the flat
     stop: int
     extent: Extent | None = None  # [exp_avg | exp_avg_sq] on NVMe
+    unit: int = -1  # its place in the ring of NVMe chunks
 
 
 @dataclass(eq=False)
@@ -68,6 +81,7 @@ class _State:
     decay: list[bool]
     chunks: list[_Chunk] = field(default_factory=list)
     moments: torch.Tensor | None = None  # [exp_avg | exp_avg_sq], fp32, when the home is memory
+    pending: bool = False  # stepped, not yet updated: its gradient holds the clipped step gradient
 
 
 class BlockAdamW:
@@ -80,10 +94,12 @@ class BlockAdamW:
         *,
         store: NvmeStore | None,
         ledger: Ledger,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = OPTIMIZER_CHUNK_BYTES,
+        slots: int = OPTIMIZER_SLOTS,
     ) -> None:
         """``homes`` maps a block name to the home tier of its optimizer state; gradients live on
-        ``grads_tier`` (host memory, or the device itself on a machine without an accelerator)."""
+        ``grads_tier`` (host memory, or the device itself on a machine without an accelerator). NVMe state
+        moves in chunks of at most ``chunk_bytes`` through ``slots`` staging buffers (at least 2)."""
         self.streamer, self.cfg, self.store, self.ledger = streamer, cfg, store, ledger
         self.grads_tier = grads_tier
         self.device = streamer.device
@@ -121,18 +137,40 @@ class BlockAdamW:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(s, i)))
         if not self.states:
             raise ValueError("no trainable parameters: the tuning method left nothing to train")
-        streamed = [c for s in self.states for c in s.chunks if c.extent is not None]
+        self._by_block: dict[int, list[_State]] = {}
+        for s in self.states:
+            self._by_block.setdefault(s.flat.block, []).append(s)
+        # The ring of NVMe chunks, in update order, and what is in flight for it.
+        self._units: list[tuple[_State, _Chunk]] = [
+            (s, c) for s in self.states for c in s.chunks if c.extent is not None
+        ]
+        for u, (_, c) in enumerate(self._units):
+            c.unit = u
+        self._slots = max(2, slots)
+        self._reads: dict[int, tuple[PoolBuffer, PendingIO | None]] = {}  # unit -> its read, ahead of use
+        self._writes: deque[tuple[int, PendingIO, PoolBuffer]] = deque()  # oldest first
+        self._ahead: deque[int] = deque()  # units to read next, in order
+        self._held: PoolBuffer | None = None  # the chunk being updated
+        self._pending: deque[_State] = deque()  # stepped, not yet updated, in update order
+        self._lr = 0.0
         self.staging: BufferPool | None = None
-        if streamed:
-            slot = align_up(8 * max(c.stop - c.start for c in streamed))
+        if self._units:
+            slot = align_up(8 * max(c.stop - c.start for _, c in self._units))
             tier = Tier.DEVICE if self.device.type == "cpu" else Tier.HOST
-            self.staging = BufferPool({slot: 3}, tier=tier, ledger=ledger)
+            self.staging = BufferPool({slot: self._slots}, tier=tier, ledger=ledger)
+            self._ahead.extend(range(len(self._units)))  # the first step's state: zeros, no read needed
+        streamer.before_use = self.ensure
         self.zero_grad()
 
     def _grad_hook(self, s: _State, i: int):
         offset, numel = s.flat.flat.offsets[i], s.flat.params[i].numel()
 
         def hook(p: torch.nn.Parameter) -> None:
+            if s.pending:  # its forward ran on weights that had not been updated: never let that pass
+                raise RuntimeError(
+                    f"{s.flat.flat.block}: a gradient arrived before the block's pending update ran; "
+                    "a module used its weights without the streamer's forward pre-hook"
+                )
             s.grad[offset : offset + numel].add_(p.grad.reshape(-1).to(s.grad.device, torch.float32))
             s.touched[i] = True
             p.grad = None
@@ -148,6 +186,8 @@ class BlockAdamW:
         return views
 
     def step(self, lr: float) -> StepReport:
+        """Clip, check, and mark the blocks with a gradient for update (see the module docstring)."""
+        self.flush(drop_reads=False)  # a block that was not used since the last step: update it now
         grads = self._grad_views()
         if not grads:  # nothing got a gradient: nothing to update (as torch.optim does)
             return StepReport(grad_norm=0.0, skipped=False)
@@ -160,75 +200,153 @@ class BlockAdamW:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef)
-        self._update(lr)
-        self.zero_grad()
+        self._lr = lr
+        for s in self.states:
+            if any(s.touched):
+                s.pending = True
+                self._pending.append(s)
+        # Read ahead only what this update needs; reads of untouched chunks give their slots back.
+        needed = [c.unit for s in self._pending for c in s.chunks if c.extent is not None]
+        for u in set(self._reads) - set(needed):
+            self._drop_read(u)
+        self._ahead = deque(u for u in needed if u not in self._reads)
+        self._poll()
         return StepReport(grad_norm=norm, skipped=False)
 
-    def _update(self, lr: float) -> None:
-        units = [(s, c) for s in self.states if any(s.touched) for c in s.chunks]
-        writes: deque[tuple[PendingIO, PoolBuffer]] = deque()
-        reads: dict[int, tuple[PoolBuffer, PendingIO | None]] = {}
+    # -- pending updates ----------------------------------------------------------------------------------
 
-        def start_read(k: int) -> None:
-            s, c = units[k]
-            if c.extent is None or k in reads:
-                return
-            while self.staging is not None and writes and len(reads) + len(writes) >= 3:
-                io, buf = writes.popleft()  # free the oldest staging slot
-                io.wait()
-                self.staging.release(buf)
-            buf = self.staging.acquire(8 * (c.stop - c.start))
-            if c.extent.checksums is None:  # never written: the moments start at zero
-                buf.slot.zero_()
-                reads[k] = (buf, None)
-            else:
-                reads[k] = (buf, self.store.read(c.extent, buf.slot))
+    def ensure(self, block: int) -> None:
+        """Block ``block`` is about to be used: update it (and the pending blocks before it) if pending."""
+        if any(s.pending for s in self._by_block.get(block, ())):
+            while self._pending:
+                s = self._pending[0]
+                self._update(s)
+                self._pending.popleft()
+                if s.flat.block == block and not any(x.pending for x in self._by_block[block]):
+                    break
+        self._poll()
 
-        current_flat: _State | None = None
-        params = None
-        held: tuple[PoolBuffer, PendingIO | None] | None = None  # the chunk being updated
-        try:
-            for k, (s, c) in enumerate(units):
-                start_read(k)
-                if k + 1 < len(units):
-                    start_read(k + 1)
-                if s is not current_flat:
-                    if current_flat is not None:
-                        self._finish_params(current_flat, params)
-                    self.streamer.need(s.flat.block)
-                    params, current_flat = self._params(s), s
+    def flush(self, drop_reads: bool = True) -> None:
+        """Run every pending update and wait for the state's writes; with ``drop_reads``, also give the
+        chunks read ahead back (their staging slots are free for a checkpoint afterwards)."""
+        while self._pending:
+            self._update(self._pending[0])
+            self._pending.popleft()
+        while self._writes:
+            self._reap(wait=True)
+        if drop_reads:
+            for u in list(self._reads):
+                self._drop_read(u)
+            self._ahead.clear()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def _update(self, s: _State) -> None:
+        """Update one pending block (it is ``self._pending[0]``), which may run inside a forward pass."""
+        no_autocast = torch.autocast(self.device.type, enabled=False)
+        with trace.span("compute", f"update {s.flat.flat.block}"), torch.no_grad(), no_autocast:
+            params = self._params(s)
+            for c in s.chunks:
                 if c.extent is None:
-                    moments, n = s.moments, s.flat.numel
-                    self._adamw(s, c, params, moments[:n], moments[n:], lr)
-                else:
-                    held = reads.pop(k)
-                    buf, io = held
-                    if io is not None:
-                        io.wait()
-                    n = c.stop - c.start
-                    m = buf.slot[: 8 * n].view(torch.float32)
-                    self._adamw(s, c, params, m[:n], m[n:], lr)
-                    writes.append((self.store.write(c.extent, buf.slot), buf))
-                    held = None
-            if current_flat is not None:
-                self._finish_params(current_flat, params)
-            while writes:  # the last writes: their errors are this step's errors
-                io, buf = writes.popleft()
-                try:
-                    io.wait()
-                finally:
-                    self.staging.release(buf)
-        finally:
-            # Never hand a slot back while a transfer may still use it; an error already on its way wins.
-            pending = [*((io, buf) for buf, io in reads.values()), *writes]
-            if held is not None:
-                pending.append((held[1], held[0]))
-            for io, buf in pending:
-                _settle(io)
+                    n = s.flat.numel
+                    self._adamw(s, c, params, s.moments[:n], s.moments[n:], self._lr)
+                    continue
+                buf = self._take(c.unit)
+                self._held = buf
+                n = c.stop - c.start
+                m = buf.slot[: 8 * n].view(torch.float32)
+                self._adamw(s, c, params, m[:n], m[n:], self._lr)
+                self._writes.append((c.unit, self.store.write(c.extent, buf.slot), buf))
+                self._held = None
+                if self._pending[-1] is s:  # the step's last block: start on the next step's first chunks
+                    queued = set(self._ahead)
+                    self._ahead.extend(u for u in range(len(self._units)) if u not in queued)
+                self._poll()
+            self._finish_params(s, params)
+        s.grad.zero_()
+        for i, t in enumerate(s.touched):
+            s.steps[i] += t
+        s.touched = [False] * len(s.touched)
+        s.pending = False
+
+    # -- the ring of NVMe chunks --------------------------------------------------------------------------
+
+    def _writing(self, unit: int) -> bool:
+        return any(u == unit for u, _, _ in self._writes)
+
+    def _reap(self, wait: bool = False) -> bool:
+        """Give back the slots of finished writes, oldest first (``wait``: the oldest, finished or not).
+        A write's error is raised here. True when a slot came free."""
+        freed = False
+        while self._writes and (wait or self._writes[0][1].transferred()):
+            _, io, buf = self._writes.popleft()
+            try:
+                io.wait()
+            finally:
                 self.staging.release(buf)
-        for s in self.states:
-            for i, t in enumerate(s.touched):
-                s.steps[i] += t
+            freed, wait = True, False
+        return freed
+
+    def _in_use(self) -> int:
+        return len(self._reads) + len(self._writes) + (self._held is not None)
+
+    def _start_read(self, unit: int) -> None:
+        c = self._units[unit][1]
+        buf = self.staging.acquire(8 * (c.stop - c.start))
+        if c.extent.checksums is None:  # never written: the moments start at zero
+            buf.slot.zero_()
+            self._reads[unit] = (buf, None)
+        else:
+            self._reads[unit] = (buf, self.store.read(c.extent, buf.slot))
+
+    def _poll(self) -> None:
+        """Free the slots of finished writes and start the next reads into them (never blocks)."""
+        if self.staging is None:
+            return
+        self._reap()
+        while self._ahead and self._in_use() < self._slots:
+            u = self._ahead[0]
+            if u in self._reads:
+                self._ahead.popleft()
+                continue
+            if self._writing(u):  # its newest state is still on its way to the drive
+                break
+            self._ahead.popleft()
+            self._start_read(u)
+
+    def _take(self, unit: int) -> PoolBuffer:
+        """The chunk's state in a staging slot, read (and checked) from the drive."""
+        if unit not in self._reads:
+            with contextlib.suppress(ValueError):
+                self._ahead.remove(unit)
+            while self._writing(unit) or self._in_use() >= self._slots:
+                if not self._writes:  # every slot holds a read of a later chunk: give one back
+                    later = max(self._reads)
+                    self._drop_read(later)
+                    self._ahead.appendleft(later)
+                    continue
+                self._reap(wait=True)
+            self._start_read(unit)
+        buf, io = self._reads.pop(unit)
+        self._held = buf
+        try:
+            if io is not None:
+                if not io.transferred():  # the update stalls on the drive: show it on the trace
+                    with trace.span("compute", f"wait for {self._units[unit][0].flat.flat.block} state"):
+                        io.wait()
+                io.wait()
+        except BaseException:
+            self._held = None
+            self.staging.release(buf)
+            raise
+        return buf
+
+    def _drop_read(self, unit: int) -> None:
+        buf, io = self._reads.pop(unit)
+        _settle(io)
+        self.staging.release(buf)
 
     def _params(self, s: _State) -> torch.Tensor:
         """The flat's weights where the update runs: the CPU (the device itself, without an accelerator)."""
@@ -283,7 +401,10 @@ class BlockAdamW:
                 )
 
     def zero_grad(self) -> None:
+        """Drop the gradients gathered since the last step (a pending block's are its update's: kept)."""
         for s in self.states:
+            if s.pending:
+                continue
             s.grad.zero_()
             s.touched = [False] * len(s.touched)
 
@@ -316,6 +437,7 @@ class BlockAdamW:
 
     def save(self, directory: Path) -> None:
         """One tensor per parameter and moment, and its step count; written one block at a time."""
+        self.flush()
         entries = []
         for s in self.states:
             for i, (name, shape) in enumerate(zip(s.flat.flat.names, s.flat.shapes)):
@@ -342,6 +464,7 @@ class BlockAdamW:
                     yield f"{name}.step", torch.tensor([float(s.steps[i])])
 
     def load(self, directory: Path) -> None:
+        self.flush()
         path = directory / STATE_FILE
         if not path.is_file():
             raise CheckpointError(
@@ -393,6 +516,21 @@ class BlockAdamW:
                 self.staging.release(buf)
 
     def close(self) -> None:
+        """Remove the hooks and wait for every transfer (pending updates are not run: :meth:`flush` does
+        that); safe on the way out of an error."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self.streamer.before_use == self.ensure:
+            self.streamer.before_use = None
+        pending = [
+            *((io, buf) for buf, io in self._reads.values()),
+            *((io, buf) for _, io, buf in self._writes),
+        ]
+        if self._held is not None:
+            pending.append((None, self._held))
+        self._reads, self._writes, self._held = {}, deque(), None
+        self._ahead.clear()
+        for io, buf in pending:
+            _settle(io)
+            self.staging.release(buf)
