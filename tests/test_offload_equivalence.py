@@ -115,21 +115,25 @@ def test_bf16_streamed_matches_bf16_resident(tmp_path):
 # -- races: reads made slow on purpose, so that computing before a fetch is waited for would be caught --
 
 
-@pytest.fixture
-def slow_reads(monkeypatch):
+def _slow_reads(monkeypatch, delay_s: float) -> dict:
     """Every NVMe read piece sleeps first: a block is still in flight when the compute wants it."""
     delayed = {"n": 0}
     lock = threading.Lock()
     pread = offload_io._pread
 
     def late(piece, view):
-        time.sleep(0.002)
+        time.sleep(delay_s)
         with lock:
             delayed["n"] += 1
         return pread(piece, view)
 
     monkeypatch.setattr(offload_io, "_pread", late)
     return delayed
+
+
+@pytest.fixture
+def slow_reads(monkeypatch):
+    return _slow_reads(monkeypatch, 0.002)
 
 
 RACE = ["offload.params=nvme", "offload.optimizer=nvme", "offload.prefetch_depth=2"]
@@ -149,8 +153,11 @@ def test_slow_fetches_are_waited_for(tmp_path, slow_reads, monkeypatch):
     _assert_matches_reference(tmp_path, rows, weights, *RACE)
 
 
-def test_the_race_test_catches_a_missing_wait(tmp_path, slow_reads, monkeypatch):
-    """The control: with the wait taken out, the slow reads land after the compute used the slot."""
+def test_the_race_test_catches_a_missing_wait(tmp_path, monkeypatch):
+    """The control: with the wait taken out, the slow reads land after the compute used the slot. Reads
+    are slower here than in the test it controls (prefetch hides 2 ms a piece well enough that a missing
+    wait is not caught every time); the test above still sees the compute wait for blocks in flight."""
+    _slow_reads(monkeypatch, 0.03)
 
     def no_wait(self, f):
         f.pending = None  # forget the read in flight instead of waiting for it
@@ -210,6 +217,34 @@ def test_the_write_race_test_catches_a_missing_wait(tmp_path, slow_writes, many_
     assert [r["loss"] for r in rows] != pytest.approx(ref_losses, rel=LOSS_RTOL)
 
 
+# -- an accelerator's path on the CPU: NVMe-homed weights reach the window through host buffers, and the
+# update runs on a host copy read from the drive (CUDA adds streams and events to the same sequence) --
+
+
+@pytest.fixture
+def staged(monkeypatch):
+    monkeypatch.setattr(streaming, "STAGE_ON_CPU", True)
+    calls = {"_land": 0, "put_home": 0}
+    for name in calls:
+        original = getattr(streaming.BlockStreamer, name)
+
+        def counted(self, f, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self, f)
+
+        monkeypatch.setattr(streaming.BlockStreamer, name, counted)
+    return calls
+
+
+STAGED = ["offload.params=nvme", "offload.optimizer=nvme", "offload.prefetch_depth=1"]
+
+
+def test_nvme_weights_staged_through_host_buffers_match_plain_pytorch(tmp_path, staged, slow_reads):
+    _, rows, weights = _train(tmp_path, *STAGED)
+    assert staged["_land"] > 0 and staged["put_home"] > 0 and slow_reads["n"] > 0
+    _assert_matches_reference(tmp_path, rows, weights, *STAGED)
+
+
 @pytest.mark.cuda
 def test_on_cuda_weights_streamed_from_host_train_like_resident_weights(tmp_path):
     """Side-stream copies, events and the saved-tensor rebuilding on a real device (skipped without one).
@@ -219,6 +254,17 @@ def test_on_cuda_weights_streamed_from_host_train_like_resident_weights(tmp_path
     _, rows, streamed = _train(
         tmp_path / "streamed", *device, "offload.params=host", "offload.optimizer=host", "offload.grads=host"
     )
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-4)
+    for name, weight in ref.items():
+        torch.testing.assert_close(streamed[name], weight, rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.cuda
+def test_on_cuda_weights_streamed_from_nvme_train_like_resident_weights(tmp_path):
+    """The staged path with real pinned buffers, side-stream copies and events (skipped without a GPU)."""
+    device = ["train.device=cuda"]
+    _, ref_rows, ref = _train(tmp_path / "resident", *device)
+    _, rows, streamed = _train(tmp_path / "streamed", *device, *STAGED, "offload.grads=host")
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-4)
     for name, weight in ref.items():
         torch.testing.assert_close(streamed[name], weight, rtol=0, atol=1e-4, msg=name)

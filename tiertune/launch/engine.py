@@ -345,11 +345,10 @@ def _streaming_engine(
             f"{'host memory' if device.type == 'cpu' else 'host or CXL memory'}: raise "
             "memory.host_budget_gib, or set offload.grads to host"
         )
-    if device.type == "cuda" and (Tier.NVME in params.values() or Tier.DEVICE in optim.values()):
+    if device.type == "cuda" and Tier.DEVICE in optim.values():
         problems.append(
-            "on a CUDA device this release streams weights from host or CXL memory (not NVMe) and keeps "
-            "the optimizer state off the device: set offload.params to device or host, and offload.optimizer to "
-            "host or nvme"
+            "on a CUDA device this release updates streamed blocks on the CPU, so their optimizer state "
+            "lives off the device: set offload.optimizer to host, cxl or nvme (or every offload.* to device)"
         )
     if problems:
         raise ConfigError(problems)

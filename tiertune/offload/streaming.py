@@ -23,6 +23,7 @@ an evicted flat is simply dropped. Hooks are removable (:meth:`close`).
 from __future__ import annotations
 
 import bisect
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,10 +33,14 @@ from torch import nn
 from tiertune import trace
 from tiertune.memory import Kind, Ledger, Tier
 from tiertune.memory.numa import align_up, numa_empty
+from tiertune.memory.pool import BufferPool, PoolBuffer, PoolExhausted
 from tiertune.offload.blocks import Block
 from tiertune.offload.flat import FlatParams, flatten_meta, flatten_params
 from tiertune.offload.planner import WINDOW_EXTRA
 from tiertune.offload.store import Extent, NvmeStore, PendingIO
+
+# Tests set this to run the accelerator's staged NVMe path (drive -> host buffer -> window) on the CPU.
+STAGE_ON_CPU = False
 
 
 class StreamError(RuntimeError):
@@ -56,7 +61,9 @@ class Flat:
     slot: torch.Tensor | None = None  # the window slot (uint8) holding it, for streamed flats
     pending: PendingIO | None = None  # a read into ``slot`` not yet waited for
     copied: torch.cuda.Event | None = None  # a host-to-device copy into ``slot`` not yet waited for
-    writing: PendingIO | None = None  # a write of ``slot`` to the NVMe home not yet finished
+    writing: PendingIO | None = None  # a write to the NVMe home not yet finished
+    staged: PoolBuffer | None = None  # host buffer a staged read of the NVMe home lands in
+    host: PoolBuffer | None = None  # host copy of the weights for a CPU-side update (:meth:`host_copy`)
     last_use: int = 0
     role: int = 0  # its place among its block's streamed flats: slots are sized per role
     shapes: list[torch.Size] = field(default_factory=list)
@@ -98,6 +105,9 @@ class BlockStreamer:
             device = torch.device("cuda", torch.cuda.current_device())
         self.model, self.device, self.depth, self.store, self.ledger = model, device, depth, store, ledger
         self.cuda = device.type == "cuda"
+        # NVMe homes reach an accelerator's window through host buffers (the drive cannot write device
+        # memory); without one, reads land straight in the window.
+        self.staged = self.cuda or STAGE_ON_CPU
         self.block_names = [b.name for b in blocks]
         self.flats: list[Flat] = []
         self._poison: dict[torch.dtype, torch.Tensor] = {}
@@ -143,6 +153,19 @@ class BlockStreamer:
             self._free[role] = [arena[i * size : (i + 1) * size] for i in range(count)]
             self.slots += self._free[role]
             self.ledger.add(Tier.DEVICE, Kind.STAGING, size * count)
+        # Staged NVMe fetches: host buffers for the reads in flight (the window's depth and the block
+        # computing), and for an update's host copy. A buffer goes back once its copy into the window and
+        # its write to the drive are done (``_retiring``).
+        self._stage: BufferPool | None = None
+        self._retiring: list[tuple[torch.cuda.Event | None, PendingIO | None, PoolBuffer]] = []
+        nvme = [f for f in self.flats if f.home is Tier.NVME]
+        if self.staged and nvme:
+            self._stage = BufferPool(
+                {max(f.nbytes for f in nvme): depth + WINDOW_EXTRA},
+                pinned=self.cuda,
+                tier=Tier.PINNED if self.cuda else Tier.DEVICE,
+                ledger=ledger,
+            )
         self._slot_starts = sorted((s.data_ptr(), k) for k, s in enumerate(self.slots))
         self._owner: dict[int, Flat] = {}  # slot index -> flat it holds
         self._hooks: list = []
@@ -210,6 +233,10 @@ class BlockStreamer:
     def need(self, block: int) -> None:
         """Block ``block`` is about to compute: make it resident, and fetch the next ones ahead."""
         self._clock += 1
+        if self._stage is not None:  # staged reads that landed: start their copies into the window now
+            self._retire()
+            for f in [f for f in self.flats if f.staged is not None and f.pending.transferred()]:
+                self._land(f)
         flats = [f for f in self.by_block[block] if f.streamed]
         self._ensure(flats)
         step = -1 if self.backward else 1
@@ -269,9 +296,12 @@ class BlockStreamer:
         f.slot = slot
         self._owner[self._slot_index(slot)] = f
         if f.home is Tier.NVME:
-            if self.cuda:
-                raise NotImplementedError("weights on NVMe with a CUDA device: not in this release")
-            f.pending = self.store.read(f.extent, slot)
+            self._wait_write(f)  # never read a home while its newest bytes are on their way to it
+            if self.staged:
+                f.staged = self._acquire_stage()
+                f.pending = self.store.read(f.extent, f.staged.slot)
+            else:
+                f.pending = self.store.read(f.extent, slot)
         else:  # host or CXL home, CUDA device: an asynchronous copy on the side stream
             with torch.cuda.stream(self.copy_stream):
                 slot.view(f.dtype)[: f.numel].copy_(f.home_buffer, non_blocking=True)
@@ -284,31 +314,126 @@ class BlockStreamer:
                 self._point(f, f.slot.view(f.dtype)[: f.numel])
             return
         if f.pending is not None:
-            pending, f.pending = f.pending, None
-            if pending.transferred():
-                pending.wait()
-            else:  # the compute stalls on the drive: count it, and show it on the trace
+            if not f.pending.transferred():  # the compute stalls on the drive: count it, and show it
                 self.waits += 1
                 with trace.span("compute", f"wait for {f.flat.block}"):
-                    pending.wait()
+                    f.pending.wait()
+            if f.staged is not None:
+                self._land(f)
+            else:
+                pending, f.pending = f.pending, None
+                pending.wait()
         if f.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(f.copied)
             f.copied = None
         self._point(f, f.slot.view(f.dtype)[: f.numel])
 
     def _wait_write(self, f: Flat) -> None:
-        """Wait for the write of the flat's slot to its home, raising its error if it failed."""
+        """Wait for the write of the flat to its home, raising its error if it failed."""
         if f.writing is not None:
             writing, f.writing = f.writing, None
             writing.wait()
 
     def writeback(self, f: Flat) -> None:
-        """The flat's weights changed in the window (the optimizer step): send them home."""
+        """The flat's weights changed in the window (a checkpoint loaded into it, or the optimizer step
+        without an accelerator): send them home."""
         if f.home is Tier.NVME:
             self._wait_write(f)
-            f.writing = self.store.write(f.extent, f.slot)
+            if self.staged:  # through a host buffer: the drive cannot read device memory
+                buf = self._acquire_stage()
+                buf.slot[: f.nbytes].copy_(f.slot[: f.nbytes])
+                f.writing = self.store.write(f.extent, buf.slot[: f.nbytes])
+                self._retiring.append((None, f.writing, buf))
+            else:
+                f.writing = self.store.write(f.extent, f.slot)
         elif f.streamed:  # host or CXL home: copy back (the window copy stays valid)
             f.home_buffer.copy_(f.slot.view(f.dtype)[: f.numel])
+
+    # -- staged NVMe homes (an accelerator's window) -------------------------------------------------
+
+    def _copy_in(self, f: Flat, src: torch.Tensor) -> None:
+        """Copy host bytes into the flat's window slot: on the side stream, after every kernel queued so
+        far (one may still read the slot's old weights), with an event the compute will wait for."""
+        if self.cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                f.slot[: f.nbytes].copy_(src, non_blocking=True)
+                f.copied = torch.cuda.Event()
+                f.copied.record(self.copy_stream)
+        else:
+            f.slot[: f.nbytes].copy_(src)
+
+    def _land(self, f: Flat) -> None:
+        """A staged read is done (or must be): check it, start its copy into the window."""
+        pending, buf = f.pending, f.staged
+        f.pending = f.staged = None
+        try:
+            pending.wait()
+        except BaseException:
+            self._stage.release(buf)
+            raise
+        self._copy_in(f, buf.slot[: f.nbytes])
+        self._retiring.append((f.copied, None, buf))
+
+    def _retire(self, block: bool = False) -> None:
+        """Give back the host buffers whose copy and write are done (``block``: the oldest, done or not).
+        A write's error is raised here, or by the next wait for that flat's write."""
+        i = 0
+        while i < len(self._retiring):
+            event, io, buf = self._retiring[i]
+            if block or ((event is None or event.query()) and (io is None or io.transferred())):
+                if event is not None:
+                    event.synchronize()
+                del self._retiring[i]
+                try:
+                    if io is not None:
+                        io.wait()
+                finally:
+                    self._stage.release(buf)
+                block = False
+            else:
+                i += 1
+
+    def _acquire_stage(self) -> PoolBuffer:
+        while True:
+            self._retire()
+            try:
+                return self._stage.acquire(1, timeout_s=0)
+            except PoolExhausted:
+                pass
+            landing = [f for f in self.flats if f.staged is not None]
+            if self._retiring:
+                self._retire(block=True)
+            elif landing:  # every buffer holds a read: let the oldest land in its slot
+                self._finish_fetch(min(landing, key=lambda f: f.last_use))
+            else:
+                raise StreamError(
+                    f"all {sum(self._stage.classes.values())} host staging buffers are held by updates; "
+                    "raise offload.prefetch_depth"
+                )
+
+    def host_copy(self, f: Flat) -> torch.Tensor:
+        """The NVMe-homed flat's weights in a host buffer, for an update on the CPU; :meth:`put_home`
+        sends them back."""
+        self._wait_write(f)
+        f.host = self._acquire_stage()
+        try:
+            self.store.read(f.extent, f.host.slot).wait()
+        except BaseException:
+            self._stage.release(f.host)
+            f.host = None
+            raise
+        return f.host.slot[: f.nbytes].view(f.dtype)[: f.numel]
+
+    def put_home(self, f: Flat) -> None:
+        """The host copy from :meth:`host_copy` was updated: write it home and into the window, if the
+        window holds the flat (no second read of the drive)."""
+        buf, f.host = f.host, None
+        if f.slot is not None:
+            self._finish_fetch(f)  # a fetch still in flight would land over the new weights
+            self._copy_in(f, buf.slot[: f.nbytes])
+        f.writing = self.store.write(f.extent, buf.slot[: f.nbytes])
+        self._retiring.append((f.copied, f.writing, buf))
 
     def refresh(self, f: Flat) -> None:
         """The flat's home changed (a host-side update): drop the stale window copy."""
@@ -319,6 +444,8 @@ class BlockStreamer:
         """Wait for every write to the drive (before a checkpoint reads the homes back)."""
         for f in self.flats:
             self._wait_write(f)
+        while self._retiring:
+            self._retire(block=True)
 
     # -- hooks ------------------------------------------------------------------------------------------
 
@@ -377,7 +504,15 @@ class BlockStreamer:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self.drain()
+        try:
+            self.drain()
+        finally:
+            if not gather:  # on the way out of an error: no buffer is left with a transfer into it
+                for f in self.flats:
+                    if f.staged is not None:
+                        _settle(f.pending)
+                        self._stage.release(f.staged)
+                        f.pending = f.staged = None
         if not gather:
             return
         copies = {f: self.resident(f).clone() for f in self.flats if f.streamed}
@@ -385,6 +520,13 @@ class BlockStreamer:
         for f, data in copies.items():  # only now: fetching one flat may evict another
             f.slot = None
             self._point(f, data)
+
+
+def _settle(io: PendingIO | None) -> None:
+    """Wait for a transfer during cleanup; its own error is dropped for the one already raised."""
+    if io is not None:
+        with contextlib.suppress(Exception):
+            io.wait()
 
 
 @dataclass(frozen=True)

@@ -351,18 +351,22 @@ class BlockAdamW:
     def _params(self, s: _State) -> torch.Tensor:
         """The flat's weights where the update runs: the CPU (the device itself, without an accelerator)."""
         f = s.flat
-        if self.device.type == "cpu":
+        if not self.streamer.staged:  # the window is host memory: update it in place
             return self.streamer.resident(f)
         if f.home is Tier.DEVICE:  # a host copy of the device's weights, copied back after the update
             return f.home_buffer.to("cpu")
+        if f.home is Tier.NVME:  # read from the drive into a host buffer
+            return self.streamer.host_copy(f)
         return f.home_buffer  # host or CXL home: updated in place
 
     def _finish_params(self, s: _State, params: torch.Tensor) -> None:
         f = s.flat
-        if self.device.type == "cpu":
+        if not self.streamer.staged:
             self.streamer.writeback(f)
         elif f.home is Tier.DEVICE:
             f.home_buffer.copy_(params)
+        elif f.home is Tier.NVME:
+            self.streamer.put_home(f)  # to the drive, and into the window if it holds the flat
         else:
             self.streamer.refresh(f)  # the window's copy is stale now
 
