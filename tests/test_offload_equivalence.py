@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tiertune.launch.loop import run
 from tiertune.offload import io as offload_io
 from tiertune.offload import planner, streaming
+from tiertune.offload.store import StoreCorruption
 from tiertune.optim import blockwise
 
 # As in test_equivalence: fused AdamW (tiertune) vs. the for-loop one (reference) differ by float32
@@ -200,9 +201,18 @@ def many_slots(monkeypatch):
     monkeypatch.setattr(planner, "OPTIMIZER_SLOTS", 12)
 
 
-def test_state_is_not_read_back_before_its_write_lands(tmp_path, slow_writes, many_slots):
+def test_state_is_not_read_back_before_its_write_lands(tmp_path, slow_writes, many_slots, monkeypatch):
+    held_back = {"n": 0}
+    writing = blockwise.BlockAdamW._writing
+
+    def counted(self, unit):
+        busy = writing(self, unit)
+        held_back["n"] += busy
+        return busy
+
+    monkeypatch.setattr(blockwise.BlockAdamW, "_writing", counted)
     _, rows, weights = _train(tmp_path, *WRITE_RACE)
-    assert slow_writes["n"] > 0
+    assert slow_writes["n"] > 0 and held_back["n"] > 0  # reads really waited for writes in flight
     _assert_matches_reference(tmp_path, rows, weights, *WRITE_RACE)
 
 
@@ -211,7 +221,7 @@ def test_the_write_race_test_catches_a_missing_wait(tmp_path, slow_writes, many_
     monkeypatch.setattr(blockwise.BlockAdamW, "_writing", lambda self, unit: False)
     try:
         _, rows, _ = _train(tmp_path, *WRITE_RACE)
-    except Exception:  # noqa: BLE001 (a torn chunk fails its checksum: that is caught too)
+    except StoreCorruption:  # a torn chunk fails its checksum: caught too
         return
     ref_losses, _ = reference_run(fast_config(tmp_path / "reference", *COMMON, *WRITE_RACE))
     assert [r["loss"] for r in rows] != pytest.approx(ref_losses, rel=LOSS_RTOL)

@@ -71,8 +71,13 @@ def test_a_step_updates_each_block_just_before_its_next_use(tmp_path):
         assert embed.trainable and torch.equal(
             engine.streamer.resident(embed)[:8], before[embed.flat.names[0]].reshape(-1)[:8]
         )
+        updated_before_use = []
+        engine.model.model.embed_tokens.register_forward_hook(
+            lambda module, args, out: updated_before_use.append(not engine.updater.states[0].pending)
+        )
         with torch.no_grad():
             engine.model(input_ids=IDS)  # the forward's pre-hooks run every pending update
+        assert updated_before_use == [True]  # the embedding computed with its updated weights
         assert not engine.updater.pending
         after = engine.trainable_tensors()
         assert all(not torch.equal(after[n], before[n]) for n in before)
@@ -104,6 +109,52 @@ def test_a_non_finite_gradient_leaves_nothing_pending(tmp_path):
         assert all(torch.equal(t, before[n]) for n, t in engine.trainable_tensors().items())
     finally:
         engine.close(gather=False)
+
+
+def test_an_update_that_failed_part_way_is_never_retried(tmp_path, monkeypatch):
+    """A write error inside a deferred update leaves the block half stepped: the engine refuses to go on
+    (a retry would step the chunks already done twice) and says to resume from a checkpoint."""
+    engine = _engine(tmp_path, "offload.optimizer=nvme")
+    closed = False
+    try:
+        for _ in range(2):
+            engine.forward_backward(BATCH, 62)
+            engine.step(1e-3)
+        _failing_writes(monkeypatch, after=0)
+        with pytest.raises(StoreError, match="Input/output error"):
+            engine.forward_backward(BATCH, 62)  # the pending updates run, and fail, in this forward
+        monkeypatch.undo()  # the drive works again: still no retry
+        with pytest.raises(StoreError, match="failed part way .* resume from the last checkpoint"):
+            engine.step(1e-3)
+        with pytest.raises(StoreError, match="failed part way"):
+            closed = True
+            engine.close()  # gathering would need the update: refused, and everything released
+        assert not (tmp_path / "nvme-store").exists()
+    finally:
+        if not closed:
+            engine.close(gather=False)
+
+
+def test_a_store_error_at_a_checkpoint_is_reported_as_a_store_error(tmp_path, monkeypatch):
+    """The last step's updates run before the checkpoint is written, outside its error handling: a
+    failing drive is not reported as a checkpoint directory that cannot be written."""
+    settle = StreamingEngine.settle
+
+    def settle_then_fail(self):
+        _failing_writes(monkeypatch, after=0)
+        settle(self)
+
+    monkeypatch.setattr(StreamingEngine, "settle", settle_then_fail)
+    cfg = fast_config(
+        tmp_path,
+        "offload.optimizer=nvme",
+        "train.max_steps=4",
+        "train.checkpoint_every=2",
+        "train.eval_every=0",
+    )
+    with pytest.raises(StoreError, match="writing .* to the NVMe store failed"):
+        run(cfg)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_a_write_failure_in_training_exits_cleanly_and_leaves_no_store_behind(tmp_path, monkeypatch):

@@ -113,6 +113,10 @@ class TrainEngine:
         self._account()
         return report
 
+    def settle(self) -> None:
+        """Finish what the last step left pending (the streaming engine's deferred updates), so that a
+        checkpoint or an export that follows sees the final weights, and an error here is named as its own."""
+
     @torch.no_grad()
     def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
         self.model.eval()
@@ -192,6 +196,9 @@ class StreamingEngine(TrainEngine):
             self.streamer.backward = False
         return float(loss_sum.detach())
 
+    def settle(self) -> None:
+        self.updater.flush()
+
     def _weights(self, flats: list[Flat]) -> Iterator[tuple[str, torch.Tensor]]:
         """Each parameter of ``flats`` as (name, tensor), read from its home one flat at a time."""
         self.updater.flush()
@@ -220,7 +227,7 @@ class StreamingEngine(TrainEngine):
             self.store.sync()
 
     def load(self, directory: Path) -> None:
-        self.updater.flush()
+        self.updater.discard()  # the checkpoint replaces whatever a pending update would have made
         names = {n for f in self.streamer.flats if f.trainable for n in f.flat.names}
         with safe_open(str(directory / TRAINABLE_FILE), framework="pt") as fh:
             _check_names(directory, set(fh.keys()), names)

@@ -187,6 +187,7 @@ def _train(
             metrics.write(row)
             progress.update(row)
             if cfg.train.checkpoint_every and (last or step % cfg.train.checkpoint_every == 0):
+                engine.settle()  # outside the checkpoint's own error handling: a store error is no disk's
                 last_ckpt = resume.save(cfg, out, engine, state, fingerprints)
             for callback in callbacks:
                 callback(row)
@@ -202,6 +203,7 @@ def _train(
         else None
     )
     export_dir = out / "final"
+    engine.settle()
     try:
         engine.export(method, tokenizer, export_dir)
     except Exception as e:  # safetensors reports a full disk as its own error type

@@ -61,6 +61,7 @@ class Flat:
     slot: torch.Tensor | None = None  # the window slot (uint8) holding it, for streamed flats
     pending: PendingIO | None = None  # a read into ``slot`` not yet waited for
     copied: torch.cuda.Event | None = None  # a host-to-device copy into ``slot`` not yet waited for
+    home_read: torch.cuda.Event | None = None  # a copy out of the host home not yet known to be done
     writing: PendingIO | None = None  # a write to the NVMe home not yet finished
     staged: PoolBuffer | None = None  # host buffer a staged read of the NVMe home lands in
     host: PoolBuffer | None = None  # host copy of the weights for a CPU-side update (:meth:`host_copy`)
@@ -305,7 +306,7 @@ class BlockStreamer:
         else:  # host or CXL home, CUDA device: an asynchronous copy on the side stream
             with torch.cuda.stream(self.copy_stream):
                 slot.view(f.dtype)[: f.numel].copy_(f.home_buffer, non_blocking=True)
-                f.copied = torch.cuda.Event()
+                f.copied = f.home_read = torch.cuda.Event()
                 f.copied.record(self.copy_stream)
 
     def _finish_fetch(self, f: Flat) -> None:
@@ -352,16 +353,18 @@ class BlockStreamer:
     # -- staged NVMe homes (an accelerator's window) -------------------------------------------------
 
     def _copy_in(self, f: Flat, src: torch.Tensor) -> None:
-        """Copy host bytes into the flat's window slot: on the side stream, after every kernel queued so
-        far (one may still read the slot's old weights), with an event the compute will wait for."""
+        """Copy host bytes (uint8, or the flat's own dtype) into the flat's window slot: on the side stream,
+        after every kernel queued so far (one may still read the slot's old weights), with an event the
+        compute will wait for."""
+        dst = f.slot[: f.nbytes] if src.dtype == torch.uint8 else f.slot.view(f.dtype)[: f.numel]
         if self.cuda:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
-                f.slot[: f.nbytes].copy_(src, non_blocking=True)
+                dst.copy_(src, non_blocking=True)
                 f.copied = torch.cuda.Event()
                 f.copied.record(self.copy_stream)
         else:
-            f.slot[: f.nbytes].copy_(src)
+            dst.copy_(src)
 
     def _land(self, f: Flat) -> None:
         """A staged read is done (or must be): check it, start its copy into the window."""
@@ -434,6 +437,21 @@ class BlockStreamer:
             self._copy_in(f, buf.slot[: f.nbytes])
         f.writing = self.store.write(f.extent, buf.slot[: f.nbytes])
         self._retiring.append((f.copied, f.writing, buf))
+
+    def reload(self, f: Flat) -> None:
+        """The flat's host or CXL home was updated in place: copy it into the window if the window holds
+        the flat (a prefetched copy stays useful), else nothing to do."""
+        if f.slot is not None:
+            self._finish_fetch(f)  # a fetch still in flight would land over the new weights
+            self._copy_in(f, f.home_buffer)
+            f.home_read = f.copied
+
+    def writable_home(self, f: Flat) -> torch.Tensor:
+        """The flat's host or CXL home, once no copy out of it is still running: the CPU may change it."""
+        if f.home_read is not None:
+            f.home_read.synchronize()
+            f.home_read = None
+        return f.home_buffer
 
     def refresh(self, f: Flat) -> None:
         """The flat's home changed (a host-side update): drop the stale window copy."""

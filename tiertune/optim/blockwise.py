@@ -47,7 +47,7 @@ from tiertune.memory.numa import ALIGN, align_up
 from tiertune.memory.pool import BufferPool, PoolBuffer
 from tiertune.offload.flat import flat_buffer
 from tiertune.offload.planner import OPTIMIZER_CHUNK_BYTES, OPTIMIZER_SLOTS
-from tiertune.offload.store import Extent, NvmeStore, PendingIO
+from tiertune.offload.store import Extent, NvmeStore, PendingIO, StoreError
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import write_safetensors
 from tiertune.optim.updater import StepReport
@@ -153,6 +153,9 @@ class BlockAdamW:
         self._held: PoolBuffer | None = None  # the chunk being updated
         self._pending: deque[_State] = deque()  # stepped, not yet updated, in update order
         self._lr = 0.0
+        # An update that failed part way (an I/O error) leaves a block half stepped: nothing may go on
+        # from that state, and no retry may step its chunks twice.
+        self._failed: BaseException | None = None
         self.staging: BufferPool | None = None
         if self._units:
             slot = align_up(8 * max(c.stop - c.start for _, c in self._units))
@@ -166,7 +169,7 @@ class BlockAdamW:
         offset, numel = s.flat.flat.offsets[i], s.flat.params[i].numel()
 
         def hook(p: torch.nn.Parameter) -> None:
-            if s.pending:  # its forward ran on weights that had not been updated: never let that pass
+            if s.pending:  # no pre-hook ran for the block in this forward: its weights were stale
                 raise RuntimeError(
                     f"{s.flat.flat.block}: a gradient arrived before the block's pending update ran; "
                     "a module used its weights without the streamer's forward pre-hook"
@@ -187,6 +190,7 @@ class BlockAdamW:
 
     def step(self, lr: float) -> StepReport:
         """Clip, check, and mark the blocks with a gradient for update (see the module docstring)."""
+        self._check()
         self.flush(drop_reads=False)  # a block that was not used since the last step: update it now
         grads = self._grad_views()
         if not grads:  # nothing got a gradient: nothing to update (as torch.optim does)
@@ -215,8 +219,16 @@ class BlockAdamW:
 
     # -- pending updates ----------------------------------------------------------------------------------
 
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise StoreError(
+                f"an optimizer update failed part way ({type(self._failed).__name__}: {self._failed}); "
+                "the weights and optimizer state are no longer consistent: resume from the last checkpoint"
+            ) from self._failed
+
     def ensure(self, block: int) -> None:
         """Block ``block`` is about to be used: update it (and the pending blocks before it) if pending."""
+        self._check()
         if any(s.pending for s in self._by_block.get(block, ())):
             while self._pending:
                 s = self._pending[0]
@@ -229,6 +241,7 @@ class BlockAdamW:
     def flush(self, drop_reads: bool = True) -> None:
         """Run every pending update and wait for the state's writes; with ``drop_reads``, also give the
         chunks read ahead back (their staging slots are free for a checkpoint afterwards)."""
+        self._check()
         while self._pending:
             self._update(self._pending[0])
             self._pending.popleft()
@@ -239,6 +252,18 @@ class BlockAdamW:
                 self._drop_read(u)
             self._ahead.clear()
 
+    def discard(self) -> None:
+        """Forget the pending updates (a checkpoint is about to replace the weights and the state)."""
+        for s in self._pending:
+            s.pending = False
+        self._pending.clear()
+        self.zero_grad()
+        while self._writes:
+            self._reap(wait=True)
+        for u in list(self._reads):
+            self._drop_read(u)
+        self._ahead.clear()
+
     @property
     def pending(self) -> bool:
         return bool(self._pending)
@@ -246,25 +271,30 @@ class BlockAdamW:
     def _update(self, s: _State) -> None:
         """Update one pending block (it is ``self._pending[0]``), which may run inside a forward pass."""
         no_autocast = torch.autocast(self.device.type, enabled=False)
-        with trace.span("compute", f"update {s.flat.flat.block}"), torch.no_grad(), no_autocast:
-            params = self._params(s)
-            for c in s.chunks:
-                if c.extent is None:
-                    n = s.flat.numel
-                    self._adamw(s, c, params, s.moments[:n], s.moments[n:], self._lr)
-                    continue
-                buf = self._take(c.unit)
-                self._held = buf
-                n = c.stop - c.start
-                m = buf.slot[: 8 * n].view(torch.float32)
-                self._adamw(s, c, params, m[:n], m[n:], self._lr)
-                self._writes.append((c.unit, self.store.write(c.extent, buf.slot), buf))
-                self._held = None
-                if self._pending[-1] is s:  # the step's last block: start on the next step's first chunks
-                    queued = set(self._ahead)
-                    self._ahead.extend(u for u in range(len(self._units)) if u not in queued)
-                self._poll()
-            self._finish_params(s, params)
+        try:
+            with trace.span("compute", f"update {s.flat.flat.block}"), torch.no_grad(), no_autocast:
+                params = self._params(s)
+                for c in s.chunks:
+                    if c.extent is None:
+                        n = s.flat.numel
+                        self._adamw(s, c, params, s.moments[:n], s.moments[n:], self._lr)
+                        continue
+                    buf = self._take(c.unit)
+                    n = c.stop - c.start
+                    m = buf.slot[: 8 * n].view(torch.float32)
+                    self._adamw(s, c, params, m[:n], m[n:], self._lr)
+                    io = self.store.write(c.extent, buf.slot)
+                    self._held = None
+                    self._writes.append((c.unit, io, buf))
+                    self._poll()
+                self._finish_params(s, params)
+        except BaseException as e:
+            self._failed = self._failed or e
+            raise
+        if self._pending[-1] is s and self._units:  # the step's last block: read the next step's first chunks
+            queued = set(self._ahead)
+            self._ahead.extend(u for u in range(len(self._units)) if u not in queued)
+            self._poll()
         s.grad.zero_()
         for i, t in enumerate(s.touched):
             s.steps[i] += t
@@ -284,8 +314,12 @@ class BlockAdamW:
             _, io, buf = self._writes.popleft()
             try:
                 io.wait()
+            except BaseException as e:  # the chunk's new moments did not reach the drive
+                self._failed = self._failed or e
+                raise
             finally:
-                self.staging.release(buf)
+                if io.transferred():  # not while a transfer may still use it (an interrupted wait)
+                    self.staging.release(buf)
             freed, wait = True, False
         return freed
 
@@ -322,10 +356,11 @@ class BlockAdamW:
             with contextlib.suppress(ValueError):
                 self._ahead.remove(unit)
             while self._writing(unit) or self._in_use() >= self._slots:
-                if not self._writes:  # every slot holds a read of a later chunk: give one back
-                    later = max(self._reads)
+                if not self._writes:  # every slot holds a read of a later chunk: give the latest back
+                    later = max(self._reads, key=lambda u: (u - unit) % len(self._units))
                     self._drop_read(later)
-                    self._ahead.appendleft(later)
+                    if later not in self._ahead:
+                        self._ahead.appendleft(later)
                     continue
                 self._reap(wait=True)
             self._start_read(unit)
@@ -339,7 +374,8 @@ class BlockAdamW:
                 io.wait()
         except BaseException:
             self._held = None
-            self.staging.release(buf)
+            if io is None or io.transferred():  # not while a transfer may still use it
+                self.staging.release(buf)
             raise
         return buf
 
@@ -357,7 +393,7 @@ class BlockAdamW:
             return f.home_buffer.to("cpu")
         if f.home is Tier.NVME:  # read from the drive into a host buffer
             return self.streamer.host_copy(f)
-        return f.home_buffer  # host or CXL home: updated in place
+        return self.streamer.writable_home(f)  # host or CXL home: updated in place
 
     def _finish_params(self, s: _State, params: torch.Tensor) -> None:
         f = s.flat
@@ -368,7 +404,7 @@ class BlockAdamW:
         elif f.home is Tier.NVME:
             self.streamer.put_home(f)  # to the drive, and into the window if it holds the flat
         else:
-            self.streamer.refresh(f)  # the window's copy is stale now
+            self.streamer.reload(f)  # host or CXL home, updated in place: into the window if it holds it
 
     def _adamw(
         self, s: _State, c: _Chunk, params: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float
