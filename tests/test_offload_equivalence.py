@@ -98,6 +98,17 @@ def test_placement_changes_no_bit(tmp_path):
     assert all(torch.equal(streamed[n], resident[n]) for n in resident)
 
 
+def test_lora_over_a_streamed_base_changes_no_bit(tmp_path):
+    """LoRA with its frozen base and its adapters' state on NVMe against the same LoRA job resident."""
+    _, resident_rows, resident = _train(tmp_path / "resident", "tuning.method=lora")
+    _, rows, streamed = _train(
+        tmp_path / "streamed", "tuning.method=lora", "offload.params=nvme", "offload.optimizer=nvme"
+    )
+    assert [r["loss"] for r in rows] == [r["loss"] for r in resident_rows]
+    assert streamed.keys() == resident.keys() and all("lora_" in n for n in resident)
+    assert all(torch.equal(streamed[n], resident[n]) for n in resident)
+
+
 # bf16 autocast over fp32 weights: the streamed and the resident run compute the same bf16 kernels on
 # the same fp32 masters, so they agree far inside the stated tolerance (observed: identical).
 BF16_LOSS_RTOL, BF16_WEIGHT_ATOL = 1e-3, 1e-4

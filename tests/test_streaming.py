@@ -25,8 +25,7 @@ def _engine(tmp_path, *overrides):
     from tiertune.tuning import get_method
 
     cfg = fast_config(tmp_path, *overrides)
-    model = skeleton(cfg.model) if cfg.tuning.method == "full" else build_model(cfg.model, seed=0)
-    model = get_method(cfg.tuning.method).apply(model, cfg.tuning)
+    model = get_method(cfg.tuning.method).apply(skeleton(cfg.model), cfg.tuning)
     engine = build_engine(cfg, model, torch.device("cpu"), store_dir=tmp_path / "nvme-store")
     assert isinstance(engine, StreamingEngine)
     return engine
@@ -307,6 +306,36 @@ def test_a_sharded_model_directory_loads_block_by_block_into_its_tiers(tmp_path,
         got = engine.trainable_tensors()
         assert got.keys() <= expected.keys() and len(got) == len(list(src.parameters()))
         assert all(torch.equal(got[n], expected[n]) for n in got)
+    finally:
+        engine.close(gather=False)
+
+
+def test_lora_over_a_base_on_nvme_is_made_block_by_block_from_its_files(tmp_path):
+    """The base stays on the meta device until the engine makes each block in its home; only peft's
+    adapters (small) are made when they are added."""
+    from tiertune.launch.models import base_name
+    from tiertune.tuning import get_method
+
+    src = build_model(fast_config(tmp_path).model, seed=7)
+    src.save_pretrained(tmp_path / "base", max_shard_size="1MB")
+    cfg = fast_config(
+        tmp_path / "job", f"model.path={tmp_path / 'base'}", "tuning.method=lora", "offload.params=nvme"
+    )
+    model = get_method("lora").apply(skeleton(cfg.model), cfg.tuning)
+    named = dict(model.named_parameters())
+    assert all(p.is_meta for n, p in named.items() if "lora_" not in n)
+    assert all(not p.is_meta for n, p in named.items() if "lora_" in n)
+    engine = build_engine(cfg, model, torch.device("cpu"), store_dir=tmp_path / "job" / "nvme-store")
+    try:
+        expected = src.state_dict()
+        frozen = [f for f in engine.streamer.flats if not f.trainable]
+        assert frozen and all(f.home.value == "nvme" for f in frozen)
+        for f in frozen:
+            data = engine.streamer.resident(f)
+            for name, offset, shape in zip(f.flat.names, f.flat.offsets, f.shapes):
+                assert torch.equal(
+                    data[offset : offset + shape.numel()].view(shape), expected[base_name(name)]
+                )
     finally:
         engine.close(gather=False)
 

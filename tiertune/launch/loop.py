@@ -111,9 +111,10 @@ def _run(
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    if cfg.tuning.method == "full" and (cfg.model.path is None or has_safetensors(cfg.model.path)):
+    if cfg.model.path is None or has_safetensors(cfg.model.path):
         # Parameters on the meta device: the engine makes each block where the plan puts it (from the seed
         # or read from the model's safetensors files), so a model larger than memory never exists whole.
+        # LoRA's adapters are made when they are added (tiertune.tuning.lora).
         model = skeleton(cfg.model)
     else:
         model = build_model(cfg.model, seed=cfg.train.seed)

@@ -140,6 +140,9 @@ class ShardReader:
         tensor.copy_(value)
 
 
+PEFT_PREFIX = "base_model.model."
+
+
 def init_parameter(name: str, tensor: torch.Tensor, seed: int, std: float) -> None:
     """Initialise one parameter from ``(seed, name)`` alone, so a block built by itself gets exactly the
     values it has in the whole model: matrices (linear and embedding weights) from N(0, std), biases 0,
@@ -152,6 +155,14 @@ def init_parameter(name: str, tensor: torch.Tensor, seed: int, std: float) -> No
         tensor.zero_()
     else:
         tensor.fill_(1.0)
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the base model, under a peft wrapper too ("base_model.model.<name>", the
+    wrapped linear's own weight under "base_layer"): the name its weights are read or seeded by."""
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX) :]
+    return name.replace(".base_layer.", ".")
 
 
 def parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
@@ -183,7 +194,7 @@ def materialize(
             continue
         data = only[name] if only is not None else torch.empty(p.shape, dtype=p.dtype, device=device)
         with torch.no_grad():
-            source(name, data.view(p.shape))
+            source(base_name(name), data.view(p.shape))
         new = nn.Parameter(data.view(p.shape), requires_grad=p.requires_grad)
         for m, a, _ in holders:
             m._parameters[a] = new
@@ -225,10 +236,11 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 def weights_fingerprint(cfg: ModelConfig) -> dict[str, str]:
     """A cheap identity of a model directory's weights (config.json's hash, weight file names and sizes).
 
-    Presets have none: their weights are a function of the seed, which the config already pins.
+    Presets: their weights are a function of the seed, which the config pins, and of the way presets are
+    seeded, named here (a checkpoint written before that way changes does not resume onto other weights).
     """
     if cfg.path is None:
-        return {}
+        return {"base model weights": "preset, each parameter seeded by its name"}
     root = Path(cfg.path)
     digest = hashlib.sha256((root / "config.json").read_bytes())
     for f in sorted(root.iterdir()):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -30,14 +31,30 @@ class LoraTuning:
             task_type="CAUSAL_LM",
         )
         try:
-            return get_peft_model(model, peft_cfg)
+            model = get_peft_model(model, peft_cfg)
         except ValueError as e:  # peft names the targets it could not find
             raise ConfigError(
                 [f"tuning.lora.target_modules: {targets!r} does not fit this model: {e}"]
             ) from None
+        _make_meta_adapters(model)
+        return model
 
     def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
         save_pretrained_with_tokenizer(model, tokenizer, directory)
+
+
+def _make_meta_adapters(model: nn.Module) -> None:
+    """Over a base on the meta device (the engine makes its blocks where the plan puts them) peft's
+    adapters are meta too: make them now, in host memory, with peft's own initialisation (small: the
+    adapters are a fraction of a percent of the model)."""
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in module.lora_A:
+            if module.lora_A[adapter].weight.is_meta:
+                module.lora_A[adapter].to_empty(device="cpu")
+                module.lora_B[adapter].to_empty(device="cpu")
+                module.reset_lora_parameters(adapter, True)
 
 
 register(LoraTuning())
