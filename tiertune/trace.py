@@ -2,7 +2,7 @@
 
 Spans go on tracks: ``compute`` (forward, backward and the optimizer step of the training thread, and its
 waits for blocks still in flight), ``nvme read`` and ``nvme write`` (each transfer from submission to its
-last piece), ``copies`` (host-device copies). Transfers that overlap each other get lanes of their own
+last piece), ``copies`` (host-to-device copies into the window, timed by CUDA events on the device). Transfers that overlap each other get lanes of their own
 track, so overlap with compute is visible at a glance in Perfetto (ui.perfetto.dev) or chrome://tracing.
 The ledger's bytes per tier are recorded as counters, and drawn as ``memory.png``.
 
@@ -29,6 +29,10 @@ class Tracer:
         self._lock = threading.Lock()
         self._spans: list[tuple[str, str, int, int, dict[str, Any]]] = []  # track, name, start, end (ns)
         self._counters: list[tuple[int, dict[str, int]]] = []
+        # Device work timed by CUDA events (``enable_timing=True``), placed on the host's time line through
+        # one reference event whose host time is known; resolved when the trace is written.
+        self._device: list[tuple[str, str, Any, Any, dict[str, Any]]] = []
+        self._reference: tuple[Any, int] | None = None
 
     def now(self) -> int:
         return time.perf_counter_ns() - self._t0
@@ -45,12 +49,41 @@ class Tracer:
         with self._lock:
             self._spans.append((track, name, start_ns, end_ns, args))
 
+    def set_device_reference(self, event: Any, host_ns: int) -> None:
+        """The device event that completed at ``host_ns`` on this tracer's clock."""
+        self._reference = (event, host_ns)
+
+    def device_span(self, track: str, name: str, start: Any, end: Any, **args: Any) -> None:
+        """A span between two recorded CUDA events (created with ``enable_timing=True``): its times are
+        the device's, read when the trace is written."""
+        if self._reference is None:
+            import torch
+
+            ref = torch.cuda.Event(enable_timing=True)
+            ref.record()
+            ref.synchronize()  # it completes now: its device time is this host time
+            self.set_device_reference(ref, self.now())
+        with self._lock:
+            self._device.append((track, name, start, end, args))
+
+    def _resolve_device_spans(self) -> None:
+        with self._lock:
+            device, self._device = self._device, []
+        if not device:
+            return
+        ref, host_ns = self._reference
+        for track, name, start, end, args in device:
+            end.synchronize()
+            begin_ns = host_ns + int(ref.elapsed_time(start) * 1e6)  # elapsed_time is in ms
+            self.add(track, name, begin_ns, host_ns + int(ref.elapsed_time(end) * 1e6), **args)
+
     def counter(self, values: dict[str, int]) -> None:
         with self._lock:
             self._counters.append((self.now(), dict(values)))
 
     def events(self) -> list[dict[str, Any]]:
         """Chrome trace events: one thread per track lane, spans as complete events, counters."""
+        self._resolve_device_spans()
         with self._lock:
             spans, counters = sorted(self._spans, key=lambda s: s[2]), list(self._counters)
         lanes: dict[str, list[int]] = {}  # track -> end time of each lane's last span

@@ -304,10 +304,8 @@ class BlockStreamer:
             else:
                 f.pending = self.store.read(f.extent, slot)
         else:  # host or CXL home, CUDA device: an asynchronous copy on the side stream
-            with torch.cuda.stream(self.copy_stream):
-                slot.view(f.dtype)[: f.numel].copy_(f.home_buffer, non_blocking=True)
-                f.copied = f.home_read = torch.cuda.Event()
-                f.copied.record(self.copy_stream)
+            self._async_copy(f, slot.view(f.dtype)[: f.numel], f.home_buffer)
+            f.home_read = f.copied
 
     def _finish_fetch(self, f: Flat) -> None:
         if f.pending is None and f.copied is None:
@@ -359,12 +357,24 @@ class BlockStreamer:
         dst = f.slot[: f.nbytes] if src.dtype == torch.uint8 else f.slot.view(f.dtype)[: f.numel]
         if self.cuda:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.copy_stream):
-                dst.copy_(src, non_blocking=True)
-                f.copied = torch.cuda.Event()
-                f.copied.record(self.copy_stream)
+            self._async_copy(f, dst, src)
         else:
             dst.copy_(src)
+
+    def _async_copy(self, f: Flat, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst.copy_(src)`` on the side stream; ``f.copied`` marks its end (and, when tracing, the copy
+        goes on the trace's ``copies`` track with the device's own timing)."""
+        tracer = trace.current()
+        with torch.cuda.stream(self.copy_stream):
+            start = None
+            if tracer is not None:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record(self.copy_stream)
+            dst.copy_(src, non_blocking=True)
+            f.copied = torch.cuda.Event(enable_timing=tracer is not None)
+            f.copied.record(self.copy_stream)
+        if tracer is not None:
+            tracer.device_span("copies", f"{f.flat.block} to device", start, f.copied, bytes=f.nbytes)
 
     def _land(self, f: Flat) -> None:
         """A staged read is done (or must be): check it, start its copy into the window."""
