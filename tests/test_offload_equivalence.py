@@ -155,9 +155,9 @@ def test_slow_fetches_are_waited_for(tmp_path, slow_reads, monkeypatch):
     waits = []
     close = streaming.BlockStreamer.close
 
-    def record(self, gather=True):
+    def record(self, gather=True, frozen=True):
         waits.append(self.waits)
-        close(self, gather)
+        close(self, gather, frozen)
 
     monkeypatch.setattr(streaming.BlockStreamer, "close", record)
     _, rows, weights = _train(tmp_path, *RACE)

@@ -114,11 +114,24 @@ def test_forced_tiers_are_obeyed_and_nvme_optimizer_state_streams_in_chunks():
     assert p.step_time_s["optimizer"] > 0
 
 
-def test_adapters_keep_their_whole_update_on_the_device():
-    lora = [BlockShape(b.name, b.kind, b.numel, b.numel // 100) for b in BLOCKS]
-    p = plan(gpu(175, 200), blocks=lora)  # the window (4 x 20 MB) and activations (50) leave room
-    assert p.homes(Kind.GRADS) == p.homes(Kind.OPTIMIZER) == {Tier.DEVICE}
+LORA = [BlockShape(b.name, b.kind, b.numel, b.numel // 100) for b in BLOCKS]
+
+
+def test_adapters_keep_their_whole_update_on_the_device_when_nothing_streams():
+    p = plan(gpu(1_000, 200), blocks=LORA)
+    assert p.homes(Kind.PARAMS) == p.homes(Kind.GRADS) == p.homes(Kind.OPTIMIZER) == {Tier.DEVICE}
+
+
+def test_on_an_accelerator_streamed_blocks_are_updated_from_host_memory():
+    """Once weights stream, the block engine updates on the CPU: gradients and moments go to the host,
+    though they would fit on the device (the engine refuses them there)."""
+    p = plan(gpu(175, 200), blocks=LORA)  # the window (4 x 20 MB) and activations (50) leave room
     assert Tier.NVME in p.homes(Kind.PARAMS)
+    assert p.homes(Kind.GRADS) == p.homes(Kind.OPTIMIZER) == {Tier.HOST}
+    full = plan(gpu(250, 1000))
+    assert Tier.DEVICE not in p.homes(Kind.GRADS) | full.homes(Kind.GRADS) | full.homes(Kind.OPTIMIZER)
+    with pytest.raises(PlanError, match="updated by the CPU"):
+        plan(gpu(175, 200), blocks=LORA, forced={Kind.OPTIMIZER: Tier.DEVICE})
 
 
 def test_explicit_prefetch_depth_is_used_when_weights_stream():

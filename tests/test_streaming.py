@@ -168,7 +168,7 @@ def test_close_releases_the_store_even_when_streamer_close_fails(tmp_path, monke
     store_dir = tmp_path / "nvme-store"
     assert any(store_dir.glob("tiertune-store-*.bin"))
 
-    def broken(self, gather=True):
+    def broken(self, gather=True, frozen=True):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(streaming.BlockStreamer, "close", broken)
@@ -336,6 +336,47 @@ def test_lora_over_a_base_on_nvme_is_made_block_by_block_from_its_files(tmp_path
                 assert torch.equal(
                     data[offset : offset + shape.numel()].view(shape), expected[base_name(name)]
                 )
+    finally:
+        engine.close(gather=False)
+
+
+def test_a_lora_export_gathers_only_the_adapters(tmp_path):
+    """The streamed base never comes back whole: the adapter file is written from the adapters alone,
+    and peft loads it onto the same base."""
+    from peft import PeftModel
+
+    from tiertune.launch.models import load_tokenizer
+    from tiertune.tuning import get_method
+
+    engine = _engine(tmp_path, "tuning.method=lora", "offload.params=nvme", "offload.optimizer=nvme")
+    cfg = fast_config(tmp_path)
+    engine.forward_backward(BATCH, 62)
+    engine.step(1e-2)
+    engine.export(get_method("lora"), load_tokenizer(cfg.model), tmp_path / "adapter")
+    frozen = [p for f in engine.streamer.flats if not f.trainable for p in f.params]
+    assert frozen and all(0 in p.stride() for p in frozen)  # still the zero-memory placeholder
+    trained = {n: p.detach().clone() for n, p in engine.model.named_parameters() if p.requires_grad}
+    base = build_model(cfg.model, seed=0)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
+    got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert got.keys() == trained.keys() and all(torch.equal(got[n], trained[n]) for n in got)
+
+
+def test_lora_adapters_on_embeddings_start_as_peft_makes_them(tmp_path):
+    engine = _engine(
+        tmp_path,
+        "tuning.method=lora",
+        "tuning.lora.target_modules=[embed_tokens,q_proj]",
+        "offload.params=nvme",
+    )
+    try:
+        adapters = {n: t for n, t in engine.trainable_tensors().items() if "lora_embedding" in n}
+        a = next(t for n, t in adapters.items() if "lora_embedding_A" in n)
+        b = next(t for n, t in adapters.items() if "lora_embedding_B" in n)
+        assert torch.count_nonzero(a) == 0 and 0.8 < float(b.std()) < 1.2  # peft: A zero, B N(0, 1)
+        engine.forward_backward(BATCH, 62)
+        engine.step(1e-2)
+        assert torch.count_nonzero(engine.trainable_tensors()[next(n for n in adapters if "_A" in n)]) > 0
     finally:
         engine.close(gather=False)
 

@@ -249,8 +249,9 @@ class StreamingEngine(TrainEngine):
     def export(self, method: TuningMethod, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
         """A full model is written block by block from its homes (never whole in memory): an HF model
         directory. Other methods export from the model, with its weights gathered back into it."""
-        if method.name != "full":
-            super().export(method, tokenizer, directory)
+        if method.name != "full":  # adapters: only the trained weights come back, the base stays home
+            self.close(frozen=False)
+            method.export(self.model, tokenizer, directory)
             return
         directory.mkdir(parents=True, exist_ok=True)
         self.model.config.architectures = [type(self.model).__name__]  # as save_pretrained records it
@@ -260,9 +261,10 @@ class StreamingEngine(TrainEngine):
         tokenizer.save_pretrained(directory)
         self._write_weights(directory / "model.safetensors", self.streamer.flats)
 
-    def close(self, gather: bool = True) -> None:
-        """Remove the hooks, bring the weights back into the model (``gather``), delete the store's files.
-        Once; each part is released even when an earlier one fails."""
+    def close(self, gather: bool = True, frozen: bool = True) -> None:
+        """Remove the hooks, bring the weights back into the model (``gather``; the frozen ones too unless
+        ``frozen`` is False), delete the store's files. Once; each part is released even when an earlier
+        one fails."""
         if self._closed:
             return
         self._closed = True
@@ -274,7 +276,7 @@ class StreamingEngine(TrainEngine):
                 gather = False
                 raise
             finally:
-                self.streamer.close(gather=gather)
+                self.streamer.close(gather=gather, frozen=frozen)
         finally:
             try:
                 self.updater.close()

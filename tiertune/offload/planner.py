@@ -177,9 +177,24 @@ def plan_placement(
         )
 
     totals = {k: sum(p.bytes[k] for p in plans) for k in HOME_KINDS}
+    # On an accelerator the block engine updates on the CPU: once anything streams, gradients and
+    # optimizer state live off the device.
+    cpu_update = not budgets.device_is_host and (
+        all_resident > budgets.device or any(forced[k] is not None for k in HOME_KINDS)
+    )
+    if cpu_update and Tier.DEVICE in (forced[Kind.GRADS], forced[Kind.OPTIMIZER]):
+        raise PlanError(
+            [
+                "offload.grads/offload.optimizer=device: on an accelerator, blocks that stream are updated "
+                "by the CPU, so their gradients and optimizer state live in host, CXL or NVMe memory; set "
+                "them to auto or host"
+            ]
+        )
     for tier in TIER_ORDER:
         for kind in _order(tier, totals, budgets.device_is_host):
             if forced[kind] not in (None, tier):
+                continue
+            if cpu_update and tier is Tier.DEVICE and kind is not Kind.PARAMS:
                 continue
             for p in plans:
                 if kind not in p.home and p.bytes[kind] <= left[tier]:
@@ -227,7 +242,8 @@ def plan_placement(
 def _order(tier: Tier, totals: dict[Kind, int], device_is_host: bool) -> tuple[Kind, ...]:
     """The order in which kinds claim ``tier``. On an accelerator the smallest kind first: with full tuning
     that is the weights (2-4 bytes a parameter against 4 for gradients and 8-12 for optimizer state); with
-    adapters it is their few gradients and moments, so the whole update stays on the device. Without one
+    adapters it is their few gradients and moments, so the whole update stays on the device (when nothing
+    streams: see ``cpu_update`` in :func:`plan_placement`). Without one
     (the device is host DRAM) gradients first: they are written every micro-batch and summed over the
     accumulation, where weights on NVMe are read twice a step and written once, and optimizer state once
     each way."""

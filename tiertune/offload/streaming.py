@@ -161,8 +161,12 @@ class BlockStreamer:
         self._retiring: list[tuple[torch.cuda.Event | None, PendingIO | None, PoolBuffer]] = []
         nvme = [f for f in self.flats if f.home is Tier.NVME]
         if self.staged and nvme:
+            classes: dict[int, int] = {}  # one set of buffers per streamed role (LoRA: base, adapters)
+            for role in {f.role for f in nvme}:
+                size = max(f.nbytes for f in nvme if f.role == role)
+                classes[size] = classes.get(size, 0) + depth + WINDOW_EXTRA
             self._stage = BufferPool(
-                {max(f.nbytes for f in nvme): depth + WINDOW_EXTRA},
+                classes,
                 pinned=self.cuda,
                 tier=Tier.PINNED if self.cuda else Tier.DEVICE,
                 ledger=ledger,
@@ -294,18 +298,26 @@ class BlockStreamer:
         ][1]
 
     def _start_fetch(self, f: Flat, slot: torch.Tensor) -> None:
+        if f.home is Tier.NVME:
+            try:
+                self._wait_write(f)  # never read a home while its newest bytes are on their way to it
+                staged = self._acquire_stage(f.nbytes) if self.staged else None
+            except BaseException:
+                self._free[f.role].append(slot)
+                raise
+            f.slot, f.staged = slot, staged
+            self._owner[self._slot_index(slot)] = f
+            try:
+                f.pending = self.store.read(f.extent, staged.slot if staged is not None else slot)
+            except BaseException:
+                self._abandon(f)
+                raise
+            return
         f.slot = slot
         self._owner[self._slot_index(slot)] = f
-        if f.home is Tier.NVME:
-            self._wait_write(f)  # never read a home while its newest bytes are on their way to it
-            if self.staged:
-                f.staged = self._acquire_stage()
-                f.pending = self.store.read(f.extent, f.staged.slot)
-            else:
-                f.pending = self.store.read(f.extent, slot)
-        else:  # host or CXL home, CUDA device: an asynchronous copy on the side stream
-            self._async_copy(f, slot.view(f.dtype)[: f.numel], f.home_buffer)
-            f.home_read = f.copied
+        # host or CXL home, CUDA device: an asynchronous copy on the side stream
+        self._async_copy(f, slot.view(f.dtype)[: f.numel], f.home_buffer)
+        f.home_read = f.copied
 
     def _finish_fetch(self, f: Flat) -> None:
         if f.pending is None and f.copied is None:
@@ -321,7 +333,11 @@ class BlockStreamer:
                 self._land(f)
             else:
                 pending, f.pending = f.pending, None
-                pending.wait()
+                try:
+                    pending.wait()
+                except BaseException:
+                    self._abandon(f)
+                    raise
         if f.copied is not None:
             torch.cuda.current_stream(self.device).wait_event(f.copied)
             f.copied = None
@@ -339,7 +355,7 @@ class BlockStreamer:
         if f.home is Tier.NVME:
             self._wait_write(f)
             if self.staged:  # through a host buffer: the drive cannot read device memory
-                buf = self._acquire_stage()
+                buf = self._acquire_stage(f.nbytes)
                 buf.slot[: f.nbytes].copy_(f.slot[: f.nbytes])
                 f.writing = self.store.write(f.extent, buf.slot[: f.nbytes])
                 self._retiring.append((None, f.writing, buf))
@@ -376,6 +392,18 @@ class BlockStreamer:
         if tracer is not None:
             tracer.device_span("copies", f"{f.flat.block} to device", start, f.copied, bytes=f.nbytes)
 
+    def _abandon(self, f: Flat) -> None:
+        """A fetch into the flat's slot failed: give the slot back, so nothing computes on what it holds."""
+        if f.staged is not None:
+            _settle(f.pending)
+            self._stage.release(f.staged)
+        f.pending = f.staged = None
+        if f.slot is not None:
+            del self._owner[self._slot_index(f.slot)]
+            self._free[f.role].append(f.slot)
+            f.slot = None
+        self._unpoint(f)
+
     def _land(self, f: Flat) -> None:
         """A staged read is done (or must be): check it, start its copy into the window."""
         pending, buf = f.pending, f.staged
@@ -383,7 +411,9 @@ class BlockStreamer:
         try:
             pending.wait()
         except BaseException:
-            self._stage.release(buf)
+            if pending.transferred():  # not while an interrupted read may still land in it
+                self._stage.release(buf)
+            self._abandon(f)
             raise
         self._copy_in(f, buf.slot[: f.nbytes])
         self._retiring.append((f.copied, None, buf))
@@ -407,11 +437,11 @@ class BlockStreamer:
             else:
                 i += 1
 
-    def _acquire_stage(self) -> PoolBuffer:
+    def _acquire_stage(self, nbytes: int) -> PoolBuffer:
         while True:
             self._retire()
             try:
-                return self._stage.acquire(1, timeout_s=0)
+                return self._stage.acquire(nbytes, timeout_s=0)
             except PoolExhausted:
                 pass
             landing = [f for f in self.flats if f.staged is not None]
@@ -429,11 +459,14 @@ class BlockStreamer:
         """The NVMe-homed flat's weights in a host buffer, for an update on the CPU; :meth:`put_home`
         sends them back."""
         self._wait_write(f)
-        f.host = self._acquire_stage()
+        f.host = self._acquire_stage(f.nbytes)
+        io = None
         try:
-            self.store.read(f.extent, f.host.slot).wait()
+            io = self.store.read(f.extent, f.host.slot)
+            io.wait()
         except BaseException:
-            self._stage.release(f.host)
+            if io is None or io.transferred():  # not while an interrupted read may still land in it
+                self._stage.release(f.host)
             f.host = None
             raise
         return f.host.slot[: f.nbytes].view(f.dtype)[: f.numel]
@@ -442,10 +475,14 @@ class BlockStreamer:
         """The host copy from :meth:`host_copy` was updated: write it home and into the window, if the
         window holds the flat (no second read of the drive)."""
         buf, f.host = f.host, None
-        if f.slot is not None:
-            self._finish_fetch(f)  # a fetch still in flight would land over the new weights
-            self._copy_in(f, buf.slot[: f.nbytes])
-        f.writing = self.store.write(f.extent, buf.slot[: f.nbytes])
+        try:
+            if f.slot is not None:
+                self._finish_fetch(f)  # a fetch still in flight would land over the new weights
+                self._copy_in(f, buf.slot[: f.nbytes])
+            f.writing = self.store.write(f.extent, buf.slot[: f.nbytes])
+        except BaseException:
+            self._retiring.append((f.copied if f.slot is not None else None, None, buf))
+            raise
         self._retiring.append((f.copied, f.writing, buf))
 
     def reload(self, f: Flat) -> None:
@@ -526,9 +563,10 @@ class BlockStreamer:
         buffer = saved.flat.slot.view(saved.dtype)
         return buffer.as_strided(saved.shape, saved.stride, buffer.storage_offset() + saved.offset)
 
-    def close(self, gather: bool = True) -> None:
+    def close(self, gather: bool = True, frozen: bool = True) -> None:
         """Remove the hooks; with ``gather``, bring every weight back resident on the device so that the
-        model works alone (for an export: it needs the whole model in device memory)."""
+        model works alone (for an export: it needs the whole model in device memory), or with ``frozen``
+        False only the trainable ones (an adapter's export: the base is never gathered)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -541,13 +579,30 @@ class BlockStreamer:
                         _settle(f.pending)
                         self._stage.release(f.staged)
                         f.pending = f.staged = None
+                    if f.host is not None:
+                        self._stage.release(f.host)
+                        f.host = None
+                self._close_stage()
         if not gather:
             return
-        copies = {f: self.resident(f).clone() for f in self.flats if f.streamed}
+        copies = {f: self.resident(f).clone() for f in self.flats if f.streamed and (frozen or f.trainable)}
+        for f in list(self._owner.values()):
+            f.slot = None
+            self._unpoint(f)  # a frozen flat left home (frozen=False) points at no memory
         self._owner.clear()
         for f, data in copies.items():  # only now: fetching one flat may evict another
-            f.slot = None
             self._point(f, data)
+        self._close_stage()
+
+    def _close_stage(self) -> None:
+        """Unpin the staging buffers once no transfer uses them (pinned memory is scarce)."""
+        if self._stage is None:
+            return
+        with contextlib.suppress(Exception):  # on the way out of an error: whatever can be given back
+            while self._retiring:
+                self._retire(block=True)
+        with contextlib.suppress(RuntimeError):  # a buffer still out: left to the finalizer
+            self._stage.close()
 
 
 def _settle(io: PendingIO | None) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -43,18 +44,31 @@ class LoraTuning:
         save_pretrained_with_tokenizer(model, tokenizer, directory)
 
 
+ADAPTER_DICTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+
+
 def _make_meta_adapters(model: nn.Module) -> None:
     """Over a base on the meta device (the engine makes its blocks where the plan puts them) peft's
-    adapters are meta too: make them now, in host memory, with peft's own initialisation (small: the
-    adapters are a fraction of a percent of the model)."""
+    adapters are meta too: make them now, in host memory, with peft's own initialisation as the job's
+    LoRA config asks for it (small: the adapters are a fraction of a percent of the model)."""
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
-        for adapter in module.lora_A:
-            if module.lora_A[adapter].weight.is_meta:
-                module.lora_A[adapter].to_empty(device="cpu")
-                module.lora_B[adapter].to_empty(device="cpu")
-                module.reset_lora_parameters(adapter, True)
+        made = set()
+        for attr in ADAPTER_DICTS:
+            for adapter, item in getattr(module, attr, {}).items():
+                if isinstance(item, nn.Module) and any(p.is_meta for p in item.parameters()):
+                    item.to_empty(device="cpu")
+                    made.add(adapter)
+                elif isinstance(item, nn.Parameter) and item.is_meta:
+                    fresh = torch.empty_like(item, device="cpu")
+                    getattr(module, attr)[adapter] = nn.Parameter(fresh, requires_grad=item.requires_grad)
+                    made.add(adapter)
+        for adapter in made:
+            module.reset_lora_parameters(adapter, model.peft_config[adapter].init_lora_weights)
+        left = [n for n, p in module.named_parameters() if p.is_meta and "lora_" in n]
+        if left:
+            raise ConfigError([f"tuning.lora: cannot make the adapters {left[:3]} of this model's layers"])
 
 
 register(LoraTuning())
