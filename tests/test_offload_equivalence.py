@@ -89,6 +89,15 @@ def test_a_model_of_tens_of_millions_of_parameters_streams_from_nvme_exactly(tmp
     _assert_matches_reference(tmp_path, rows, weights, *overrides)
 
 
+@pytest.mark.parametrize("micro_steps", [1, 2, 4])
+def test_accumulation_over_offloaded_gradients_loses_no_micro_step(tmp_path, micro_steps):
+    """Gradients summed in fp32 outside autograd, weights and state on NVMe, updates deferred into the
+    next forward: 1, 2 and 4 micro-steps per step against plain PyTorch with the same accumulation."""
+    overrides = [f"train.grad_accum_steps={micro_steps}", "offload.params=nvme", "offload.optimizer=nvme"]
+    _, rows, weights = _train(tmp_path, *overrides)
+    _assert_matches_reference(tmp_path, rows, weights, *overrides)
+
+
 def test_placement_changes_no_bit(tmp_path):
     """The same job resident and fully streamed: the update arithmetic is the same kernel on the same
     numbers, so the losses and weights are identical, not merely close."""

@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -202,3 +203,24 @@ def test_asking_for_the_deepspeed_backend_without_it_says_what_to_do(tmp_path, m
     with pytest.raises(StoreError, match="install libaio-dev"):
         NvmeStore([tmp_path], MIB, backend="deepspeed")
     assert not list(tmp_path.iterdir())  # nothing created, nothing locked
+
+
+def test_a_dead_extension_build_lock_is_cleared_and_the_build_stays_in_the_environment(tmp_path, monkeypatch):
+    """torch waits without end on a build lock; one left by a killed build must not hang every later run."""
+    import time
+
+    from tiertune.offload import io as offload_io
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    dead, live = tmp_path / "py311_cpu" / "async_io" / "lock", tmp_path / "py311_cpu" / "other" / "lock"
+    for lock in (dead, live):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - offload_io.STALE_BUILD_S - 60
+    os.utime(dead, (old, old))
+    with pytest.warns(UserWarning, match="never finished"):
+        offload_io._private_build_dir()
+    assert not dead.exists() and live.exists()  # a build in progress keeps its lock
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    offload_io._private_build_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"].startswith(sys.prefix)

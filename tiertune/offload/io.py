@@ -14,11 +14,15 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import sys
 import threading
+import time
+import warnings
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -153,6 +157,7 @@ def load_deepspeed_aio():  # noqa: ANN201 (the op's module)
             f"offload.io_backend=deepspeed: DeepSpeed is not installed ({e}); install it with "
             "`pip install --no-build-isolation deepspeed`, or use offload.io_backend=threads"
         ) from None
+    _private_build_dir()
     builder = AsyncIOBuilder()
     if not builder.is_compatible():
         raise IOBackendUnavailable(
@@ -166,6 +171,27 @@ def load_deepspeed_aio():  # noqa: ANN201 (the op's module)
             f"offload.io_backend=deepspeed: building DeepSpeed's async_io op failed ({type(e).__name__}: {e}); "
             "use offload.io_backend=threads"
         ) from None
+
+
+STALE_BUILD_S = 20 * 60  # the op builds in about 3.5 minutes on 2 cores: a lock this old is a dead build's
+
+
+def _private_build_dir() -> None:
+    """Build the op inside this Python environment (unless TORCH_EXTENSIONS_DIR says where), not in the
+    user-wide cache that every environment on the machine shares, and clear a dead build's lock there.
+
+    torch builds extensions under a lock file and waits for it without end; a build killed half way (a
+    timeout, ^C) leaves the lock behind, and every later load would hang."""
+    directory = Path(
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    )
+    for lock in directory.glob("**/lock"):
+        with contextlib.suppress(OSError):
+            if time.time() - lock.stat().st_mtime > STALE_BUILD_S:
+                lock.unlink()
+                warnings.warn(
+                    f"removed {lock}, left by a build of {lock.parent.name} that never finished", stacklevel=2
+                )
 
 
 def make_io(backend: str, queue_depth: int, block_bytes: int) -> ThreadPoolIO | DeepSpeedIO:
