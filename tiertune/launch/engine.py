@@ -354,11 +354,6 @@ def _streaming_engine(
             f"{'host memory' if device.type == 'cpu' else 'host or CXL memory'}: raise "
             "memory.host_budget_gib, or set offload.grads to host"
         )
-    if device.type == "cuda" and Tier.DEVICE in optim.values():
-        problems.append(
-            "on a CUDA device this release updates streamed blocks on the CPU, so their optimizer state "
-            "lives off the device: set offload.optimizer to host, cxl or nvme (or every offload.* to device)"
-        )
     if problems:
         raise ConfigError(problems)
     store, cleanup = None, None

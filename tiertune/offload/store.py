@@ -10,6 +10,7 @@ silently wrong weight. A lock file keeps a second job out of a store that is in 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -85,6 +86,13 @@ class PendingIO:
     def transferred(self) -> bool:
         """Every piece has moved (not yet checked: :meth:`wait` checks)."""
         return all(f.done() for f in self._futures)
+
+
+def settle(io: PendingIO | None) -> None:
+    """Wait for a transfer during cleanup; its own error is dropped for the one already raised."""
+    if io is not None:
+        with contextlib.suppress(Exception):
+            io.wait()
 
 
 def _trace(futures: list[Future[int]], track: str, extent: Extent) -> None:

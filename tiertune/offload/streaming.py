@@ -37,7 +37,7 @@ from tiertune.memory.pool import BufferPool, PoolBuffer, PoolExhausted
 from tiertune.offload.blocks import Block
 from tiertune.offload.flat import FlatParams, flatten_meta, flatten_params
 from tiertune.offload.planner import WINDOW_EXTRA
-from tiertune.offload.store import Extent, NvmeStore, PendingIO
+from tiertune.offload.store import Extent, NvmeStore, PendingIO, settle
 
 # Tests set this to run the accelerator's staged NVMe path (drive -> host buffer -> window) on the CPU.
 STAGE_ON_CPU = False
@@ -395,7 +395,7 @@ class BlockStreamer:
     def _abandon(self, f: Flat) -> None:
         """A fetch into the flat's slot failed: give the slot back, so nothing computes on what it holds."""
         if f.staged is not None:
-            _settle(f.pending)
+            settle(f.pending)
             self._stage.release(f.staged)
         f.pending = f.staged = None
         if f.slot is not None:
@@ -576,7 +576,7 @@ class BlockStreamer:
             if not gather:  # on the way out of an error: no buffer is left with a transfer into it
                 for f in self.flats:
                     if f.staged is not None:
-                        _settle(f.pending)
+                        settle(f.pending)
                         self._stage.release(f.staged)
                         f.pending = f.staged = None
                     if f.host is not None:
@@ -603,13 +603,6 @@ class BlockStreamer:
                 self._retire(block=True)
         with contextlib.suppress(RuntimeError):  # a buffer still out: left to the finalizer
             self._stage.close()
-
-
-def _settle(io: PendingIO | None) -> None:
-    """Wait for a transfer during cleanup; its own error is dropped for the one already raised."""
-    if io is not None:
-        with contextlib.suppress(Exception):
-            io.wait()
 
 
 @dataclass(frozen=True)

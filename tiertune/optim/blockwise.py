@@ -47,20 +47,13 @@ from tiertune.memory.numa import ALIGN, align_up
 from tiertune.memory.pool import BufferPool, PoolBuffer
 from tiertune.offload.flat import flat_buffer
 from tiertune.offload.planner import OPTIMIZER_CHUNK_BYTES, OPTIMIZER_SLOTS
-from tiertune.offload.store import Extent, NvmeStore, PendingIO, StoreError
+from tiertune.offload.store import Extent, NvmeStore, PendingIO, StoreError, settle
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import write_safetensors
 from tiertune.optim.updater import StepReport
 
 STATE_FILE = "optimizer-blocks.safetensors"
 _HOST = torch.device("cpu")  # gradients and in-memory state live where the CPU update runs
-
-
-def _settle(io: PendingIO | None) -> None:
-    """Wait for a transfer during cleanup; its own error is dropped for the one already raised."""
-    if io is not None:
-        with contextlib.suppress(Exception):
-            io.wait()
 
 
 @dataclass(eq=False)
@@ -381,7 +374,7 @@ class BlockAdamW:
 
     def _drop_read(self, unit: int) -> None:
         buf, io = self._reads.pop(unit)
-        _settle(io)
+        settle(io)
         self.staging.release(buf)
 
     def _params(self, s: _State) -> torch.Tensor:
@@ -572,5 +565,5 @@ class BlockAdamW:
         self._reads, self._writes, self._held = {}, deque(), None
         self._ahead.clear()
         for io, buf in pending:
-            _settle(io)
+            settle(io)
             self.staging.release(buf)
