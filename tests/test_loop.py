@@ -99,12 +99,9 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(tmp_path, method):
         b = tmp_path / "cut" / "checkpoints" / f"step-{step:08d}"
         wa, wb = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-        if (a / "optimizer.pt").exists():
-            oa, ob = (torch.load(p / "optimizer.pt", weights_only=True)["state"] for p in (a, b))
-            assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
-        else:  # the block optimizer's state, one tensor per parameter and moment
-            oa, ob = (load_file(str(p / "optimizer-blocks.safetensors")) for p in (a, b))
-            assert oa.keys() == ob.keys() and len(oa) > 0 and all(torch.equal(oa[k], ob[k]) for k in oa)
+        oa, ob = (torch.load(p / "optimizer.pt", weights_only=True)["state"] for p in (a, b))
+        assert oa.keys() == ob.keys() and len(oa) > 0
+        assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
 
 
 def test_resume_continues_to_a_higher_max_steps(tmp_path):

@@ -6,6 +6,7 @@ tests/reference.py, and compares every step's loss and every final weight.
 """
 
 import json
+import math
 import threading
 import time
 
@@ -16,6 +17,7 @@ from reference import reference_run
 from safetensors.torch import load_file
 
 from tiertune.launch.loop import run
+from tiertune.launch.models import build_model
 from tiertune.offload import io as offload_io
 from tiertune.offload import planner, streaming
 from tiertune.offload.store import StoreCorruption
@@ -105,6 +107,69 @@ def test_placement_changes_no_bit(tmp_path):
     _, rows, streamed = _train(tmp_path / "streamed", "offload.params=nvme", "offload.optimizer=nvme")
     assert [r["loss"] for r in rows] == [r["loss"] for r in resident_rows]
     assert all(torch.equal(streamed[n], resident[n]) for n in resident)
+
+
+def _optimizer_file(run_dir, step=6):
+    return torch.load(run_dir / "checkpoints" / f"step-{step:08d}" / "optimizer.pt", weights_only=True)
+
+
+def test_offloaded_optimizer_state_is_saved_as_torch_saves_it(tmp_path):
+    """State streamed from NVMe into optimizer.pt: the same file as the resident run's torch AdamW writes,
+    and a plain AdamW over the model's parameters (grouped as tests/reference.py groups them) loads it."""
+    _train(tmp_path / "resident", "offload.optimizer=device")
+    _train(tmp_path / "streamed", "offload.params=nvme", "offload.optimizer=nvme")
+    resident, streamed = _optimizer_file(tmp_path / "resident"), _optimizer_file(tmp_path / "streamed")
+    assert streamed["param_groups"] == resident["param_groups"]
+    assert streamed["state"].keys() == resident["state"].keys() and len(streamed["state"]) > 0
+    for i, entry in resident["state"].items():
+        assert entry.keys() == streamed["state"][i].keys()
+        assert all(torch.equal(streamed["state"][i][k], t) for k, t in entry.items())
+
+    cfg = fast_config(tmp_path / "plain", *COMMON)
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    plain = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    )
+    plain.load_state_dict(streamed)
+    for i, p in enumerate([*decay, *no_decay]):
+        assert torch.equal(plain.state[p]["exp_avg_sq"], resident["state"][i]["exp_avg_sq"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(step):
+    def callback(row):
+        if row["step"] == step:
+            raise _Stop
+
+    return callback
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (["offload.optimizer=device"], ["offload.params=nvme", "offload.optimizer=nvme"]),
+        (["offload.params=nvme", "offload.optimizer=nvme"], ["offload.optimizer=device"]),
+    ],
+    ids=["resident-then-nvme", "nvme-then-resident"],
+)
+def test_a_run_resumes_exactly_with_another_placement(tmp_path, first, then):
+    """One optimizer.pt layout for every placement: stopped after step 3 and resumed with the state in
+    another tier, the run ends with the same weights, bit for bit, as the run that never stopped."""
+    _, whole_rows, whole = _train(tmp_path / "whole", *first)
+    job = [*COMMON, "train.checkpoint_every=3"]
+    with pytest.raises(_Stop):
+        run(fast_config(tmp_path / "cut", *job, *first), callbacks=[_stop_after(4)])
+    summary = run(fast_config(tmp_path / "cut", *job, *then))
+    assert summary.resumed_from_step == 3
+    weights = load_file(str(tmp_path / "cut" / "checkpoints" / "step-00000006" / "trainable.safetensors"))
+    assert all(torch.equal(weights[n], whole[n]) for n in whole)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows][-3:] == [r["loss"] for r in whole_rows][-3:]
 
 
 def test_lora_over_a_streamed_base_changes_no_bit(tmp_path):
@@ -310,3 +375,108 @@ def test_training_through_deepspeeds_async_io_matches_plain_pytorch(tmp_path):
     overrides = ["offload.params=nvme", "offload.optimizer=nvme", "offload.io_backend=deepspeed"]
     _, rows, weights = _train(tmp_path, *overrides)
     _assert_matches_reference(tmp_path, rows, weights, *overrides)
+
+
+# -- updates overlapped with backward -------------------------------------------------------------------
+# With optim.overlap=backward a block is updated as soon as its gradients are complete in the step's last
+# backward, as if the step will neither clip nor skip; the step then validates. Against overlap=none (every
+# update after backward, the ordinary step) the runs must agree bit for bit: the same kernel on the same
+# numbers, whether the speculation was kept or undone and redone.
+
+OVERLAP_PLACEMENTS = {
+    "host": ["offload.optimizer=host"],
+    "nvme": ["offload.params=nvme", "offload.optimizer=nvme"],
+}
+
+
+def _updaters(monkeypatch):
+    made = []
+    init = blockwise.BlockAdamW.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(blockwise.BlockAdamW, "__init__", recording)
+    return made
+
+
+def _assert_identical(a, b):
+    (_, rows_a, weights_a), (_, rows_b, weights_b) = a, b
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert [r["grad_norm"] for r in rows_a] == [r["grad_norm"] for r in rows_b]
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+
+
+@pytest.mark.parametrize("placement", OVERLAP_PLACEMENTS)
+@pytest.mark.parametrize("clipping", ["clipping", "no-clipping"])
+def test_updates_during_backward_equal_the_ordinary_step(tmp_path, monkeypatch, placement, clipping):
+    made = _updaters(monkeypatch)
+    job = [
+        *OVERLAP_PLACEMENTS[placement],
+        "optim.max_grad_norm=" + ("0.5" if clipping == "clipping" else "0"),
+    ]
+    overlapped = _train(tmp_path / "backward", *job, "optim.overlap=backward")
+    ordinary = _train(tmp_path / "none", *job, "optim.overlap=none")
+    _assert_identical(overlapped, ordinary)
+    spec = made[0]
+    assert spec.overlap == "backward" and spec.speculated_blocks > 0
+    if clipping == "clipping":
+        assert any(r["grad_norm"] > 0.5 for r in overlapped[1])
+        assert spec.rollbacks > 0  # the first step clipped: its speculative updates were undone and redone
+    else:
+        assert spec.rollbacks == 0 and spec.speculated_blocks == 6 * len(
+            spec.states
+        )  # every block, every step
+
+
+def test_updates_during_backward_match_plain_pytorch_with_clipping(tmp_path):
+    overrides = ["offload.params=nvme", "offload.optimizer=nvme", "optim.overlap=backward"]
+    _, rows, weights = _train(tmp_path, *overrides)
+    _assert_matches_reference(tmp_path, rows, weights, *overrides)
+
+
+def _poison(monkeypatch, step):
+    """From the first parameter of the embedding block (the last block backward completes, so every other
+    block has been updated speculatively by then), an inf gradient in optimizer step ``step``."""
+    hook_of, step_of = blockwise.BlockAdamW._grad_hook, blockwise.BlockAdamW.step
+    done = [0]
+
+    def counting(self, lr):
+        done[0] += 1
+        return step_of(self, lr)
+
+    def grad_hook(self, s, i):
+        hook = hook_of(self, s, i)
+        if s.flat.flat.block != "embed" or i != 0:
+            return hook
+
+        def poisoned(p):
+            if done[0] == step - 1:
+                p.grad.view(-1)[0] = float("inf")
+            hook(p)
+
+        return poisoned
+
+    monkeypatch.setattr(blockwise.BlockAdamW, "step", counting)
+    monkeypatch.setattr(blockwise.BlockAdamW, "_grad_hook", grad_hook)
+    return done
+
+
+@pytest.mark.parametrize("placement", OVERLAP_PLACEMENTS)
+def test_an_inf_gradient_undoes_the_updates_made_during_backward(tmp_path, monkeypatch, placement):
+    """Step 3's gradient is inf: the blocks updated during its backward are put back, the step is skipped,
+    and training goes on exactly as with the ordinary step."""
+    made = _updaters(monkeypatch)
+    done = _poison(monkeypatch, 3)
+    job = [*OVERLAP_PLACEMENTS[placement], "optim.max_grad_norm=0"]
+    overlapped = _train(tmp_path / "backward", *job, "optim.overlap=backward")
+    done[0] = 0
+    ordinary = _train(tmp_path / "none", *job, "optim.overlap=none")
+    _assert_identical(overlapped, ordinary)
+    rows = overlapped[1]
+    assert [r.get("skipped", False) for r in rows] == [False, False, True, False, False, False]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert all(torch.isfinite(w).all() for w in overlapped[2].values())
+    assert made[0].rollbacks == len(made[0].states) - 1  # every block but the poisoned one

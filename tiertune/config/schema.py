@@ -168,6 +168,13 @@ class OptimConfig:
         _non_negative,
     )
     min_lr_ratio: float = opt(0.1, "final lr as a share of lr", _between(0.0, 1.0))
+    overlap: Literal["backward", "forward", "none"] = opt(
+        "backward",
+        "when offloaded state is updated: backward: each block as soon as its gradients are complete, "
+        "speculatively (undone and redone if the step then clips or skips; needs spare host memory for "
+        "the undo copies, 12 bytes a parameter, and after a step that clipped the next waits for its "
+        "forward); forward: each block just before its next forward; none: all after backward",
+    )
 
     def warmup_for(self, max_steps: int) -> int:
         """``warmup_steps``, or its default for a run of ``max_steps``."""

@@ -97,8 +97,12 @@ class TrainEngine:
             logits = self.model(input_ids=input_ids).logits
         return causal_lm_loss_sum(logits, labels)
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], step_targets: int) -> float:
-        """Accumulate the gradient of this micro-batch's share of the step loss; return its loss sum."""
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], step_targets: int, step_lr: float | None = None
+    ) -> float:
+        """Accumulate the gradient of this micro-batch's share of the step loss; return its loss sum.
+        ``step_lr``: this is the step's last micro-batch and the step will use that lr (an updater may
+        begin the update during this backward)."""
         self.model.train()
         with trace.span("compute", "forward"):
             loss_sum = self._loss_sum(batch)
@@ -184,16 +188,21 @@ class StreamingEngine(TrainEngine):
         with self.streamer.saved_tensors():
             return super()._loss_sum(batch)
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], step_targets: int) -> float:
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], step_targets: int, step_lr: float | None = None
+    ) -> float:
         self.model.train()
         with trace.span("compute", "forward"):
             loss_sum = self._loss_sum(batch)
         self.streamer.backward = True
+        if step_lr is not None:
+            self.updater.arm(step_lr)
         try:
             with trace.span("compute", "backward"):
                 (loss_sum / step_targets).backward()
         finally:
             self.streamer.backward = False
+            self.updater.disarm()
         return float(loss_sum.detach())
 
     def settle(self) -> None:
@@ -396,6 +405,9 @@ def _streaming_engine(
             store=store,
             ledger=ledger,
             slots=plan.buffers.get("optimizer", (0, OPTIMIZER_SLOTS))[1],  # as many as the plan counted
+            order=[n for n, p in model.named_parameters() if p.requires_grad],
+            overlap=cfg.optim.overlap,
+            rollback_bytes=_rollback_room(cfg, plan, device),
         )
     except BaseException:
         if store is not None:
@@ -405,6 +417,21 @@ def _streaming_engine(
         raise
     say(_describe(plan, store, temporary=cleanup is not None))
     return StreamingEngine(model, streamer, updater, device, cfg.train.dtype, ledger, store, plan, cleanup)
+
+
+def _rollback_room(cfg: JobConfig, plan: Plan, device: torch.device) -> int:
+    """Host memory for undoing speculative updates: half of what the plan leaves free on the host side (the
+    rest stays a margin), at most the 12 bytes a parameter that undoing every block needs."""
+    if cfg.optim.overlap != "backward":
+        return 0
+    host = Tier.DEVICE if device.type == "cpu" else Tier.HOST
+    free = plan.budgets.get(host, 0) - plan.peak_bytes.get(host, 0)
+    room = min(max(0, free) // 2, 12 * sum(b.trainable for b in plan.blocks))
+    if room < 12 * max(b.trainable for b in plan.blocks):
+        say(
+            "note: no spare host memory to undo speculative updates: each block's update waits for its next forward"
+        )
+    return room
 
 
 def _maker(

@@ -246,7 +246,9 @@ def _train_step(
     targets = sum(count_targets(b["labels"]) for b in batches)
     lr = lr_at(step, cfg.optim, cfg.train.max_steps)
     if targets:
-        loss: float | None = sum(engine.forward_backward(b, targets) for b in batches) / targets
+        last = len(batches) - 1  # its backward may begin the update: it is told the step's lr
+        sums = [engine.forward_backward(b, targets, lr if i == last else None) for i, b in enumerate(batches)]
+        loss: float | None = sum(sums) / targets
         report = engine.step(lr)
     else:  # only prompt tokens in these rows: an update would apply momentum and decay with no gradient
         loss, report = None, StepReport(grad_norm=float("nan"), skipped=True)

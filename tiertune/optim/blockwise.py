@@ -1,37 +1,48 @@
-"""AdamW over flat blocks, each block's state where the plan put it, each block updated just before its
-next use.
+"""AdamW over flat blocks, each block's state where the plan put it, each block updated while the compute
+goes on: during the backward that completes its gradients, or just before its next use.
 
 Gradients leave autograd as soon as each parameter's gradient is complete: a post-accumulate hook adds it
 into the block's fp32 gradient buffer in the gradient home and drops the parameter's ``.grad``, so no
-full set of gradients ever builds up on the device. :meth:`BlockAdamW.step` then:
+full set of gradients ever builds up on the device. When an update runs (``optim.overlap``):
 
-1. computes the global gradient norm exactly as ``torch.nn.utils.clip_grad_norm_`` does (per-tensor norms,
-   then the norm of those) and scales the gradients by the same clamped coefficient;
-2. marks every block that got a gradient as *pending* and returns. A pending block is updated when
-   something is about to use its weights: the streamer's forward pre-hook calls :meth:`ensure` (so the
-   next step's forward runs block by block over freshly updated blocks, and the update's NVMe traffic
-   hides behind the compute of the blocks before and after it), and :meth:`flush` updates whatever is
-   left before a checkpoint, an export or the next step. The numbers are those of an update right after
-   backward: the clipping coefficient is known by then, and nothing reads a block's weights, moments or
-   gradient before its update;
-3. updates a block with torch's fused AdamW kernel on views of the flat buffers (the same per-element
-   arithmetic as ``torch.optim.AdamW(fused=True)``) and sends its new weights home (the streamer writes
-   NVMe-homed weights back).
+- ``backward``: in the step's last backward (:meth:`BlockAdamW.arm`), a block whose every gradient has
+  arrived is updated at once, while backward goes on through the blocks before it, *speculatively*: as if
+  the step will neither clip nor skip, with what the update overwrites (weights, moments) copied aside.
+  :meth:`BlockAdamW.step` then computes the global norm from the per-tensor norms taken at each block's
+  completion (the same numbers ``clip_grad_norm_`` takes) and validates: when the clipping coefficient is
+  exactly 1, the norm finite and the lr the one assumed, the updates stand; otherwise they are undone and
+  redone as ordinary updates with the clipped gradient (or undone, and the step skipped). The result is
+  the ordinary step's, bit for bit. A block beyond the undo space, or whose gradient arrives late (after
+  its update), waits as below; after a step that clipped or skipped, the next one does not speculate;
+- ``forward``: :meth:`BlockAdamW.step` clips, checks, and marks every block that got a gradient as
+  *pending*. A pending block is updated when something is about to use its weights: the streamer's
+  forward pre-hook calls :meth:`ensure` (the next forward runs block by block over freshly updated
+  blocks, and the update's NVMe traffic hides behind the compute of the blocks around it), and
+  :meth:`flush` updates what is left before a checkpoint, an export or the next step. Nothing reads a
+  block's weights, moments or gradient before its update, so the numbers are those of an update right
+  after backward;
+- ``none``: every update inside :meth:`step`, right after backward (the ordinary step, for comparison).
+
+An update is torch's fused AdamW kernel on views of the flat buffers (the same per-element arithmetic as
+``torch.optim.AdamW(fused=True)``); the new weights go home (the streamer writes NVMe-homed weights back).
 
 Optimizer state on NVMe moves in chunks through a few staging slots, as a ring: chunks are read ahead in
-update order as soon as a slot is free (after the last update of a step, the first chunks of the next
-one are read while its forward and backward run), a chunk is updated in its slot, then written back
-while the compute goes on. A chunk is never read while its own write is in flight.
+the order the next updates will want them (the blocks' order, or its reverse when backward will update
+them) as soon as a slot is free, a chunk is updated in its slot, then written back while the compute
+goes on. A chunk is never read while its own write is in flight.
 
-A parameter that got no gradient in a step is left alone, moments included, as torch does.
+A parameter that got no gradient in a step is left alone, moments included, as torch does. Checkpoints
+hold ``optimizer.pt`` in ``torch.optim.AdamW``'s state_dict layout, written one block at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import pickle
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,10 +60,10 @@ from tiertune.offload.flat import flat_buffer
 from tiertune.offload.planner import OPTIMIZER_CHUNK_BYTES, OPTIMIZER_SLOTS
 from tiertune.offload.store import Extent, NvmeStore, PendingIO, StoreError, settle
 from tiertune.offload.streaming import BlockStreamer, Flat
-from tiertune.offload.tensorfile import write_safetensors
-from tiertune.optim.updater import StepReport
+from tiertune.offload.tensorfile import Deferred, write_torch
+from tiertune.optim.updater import OPTIMIZER_FILE, StepReport, param_groups
 
-STATE_FILE = "optimizer-blocks.safetensors"
+LEGACY_STATE_FILE = "optimizer-blocks.safetensors"  # read on resume; written before optimizer.pt
 _HOST = torch.device("cpu")  # gradients and in-memory state live where the CPU update runs
 
 
@@ -75,6 +86,21 @@ class _State:
     chunks: list[_Chunk] = field(default_factory=list)
     moments: torch.Tensor | None = None  # [exp_avg | exp_avg_sq], fp32, when the home is memory
     pending: bool = False  # stepped, not yet updated: its gradient holds the clipped step gradient
+    # Speculation (see BlockAdamW.arm): which parameters' gradients arrived in the armed backward, what the
+    # block's speculative update overwrote, its gradients' per-tensor norms, and whether a gradient came
+    # after that update (the update then used an incomplete gradient).
+    fired: list[bool] = field(default_factory=list)
+    backup: _Backup | None = None
+    norms: torch.Tensor | None = None
+    late: bool = False
+
+
+@dataclass(eq=False)
+class _Backup:
+    """What a speculative update of one block overwrote, to be put back if the step turns out otherwise."""
+
+    steps: list[int]
+    chunks: list[tuple[_Chunk, torch.Tensor]]  # per chunk: [weights | exp_avg | exp_avg_sq] before it
 
 
 class BlockAdamW:
@@ -89,10 +115,23 @@ class BlockAdamW:
         ledger: Ledger,
         chunk_bytes: int = OPTIMIZER_CHUNK_BYTES,
         slots: int = OPTIMIZER_SLOTS,
+        order: list[str] | None = None,
+        overlap: str = "forward",
+        rollback_bytes: int = 0,
     ) -> None:
         """``homes`` maps a block name to the home tier of its optimizer state; gradients live on
         ``grads_tier`` (host memory, or the device itself on a machine without an accelerator). NVMe state
-        moves in chunks of at most ``chunk_bytes`` through ``slots`` staging buffers (at least 2)."""
+        moves in chunks of at most ``chunk_bytes`` through ``slots`` staging buffers (at least 2). ``order``
+        names the trainable parameters in the model's order (``named_parameters``): checkpoints number
+        them as ``torch.optim.AdamW`` over that list would (default: the blocks' order).
+
+        ``overlap`` says when the updates run: ``backward`` (speculatively, as each block's gradients
+        complete in the step's last backward, with ``rollback_bytes`` of host memory for what they
+        overwrite; blocks beyond it, and every block after a step that clipped or skipped, wait for the
+        next forward), ``forward`` (each just before the block's next use) or ``none`` (all in
+        :meth:`step`)."""
+        if overlap not in ("backward", "forward", "none"):
+            raise ValueError(f"overlap must be backward, forward or none, not {overlap!r}")
         self.streamer, self.cfg, self.store, self.ledger = streamer, cfg, store, ledger
         self.grads_tier = grads_tier
         self.device = streamer.device
@@ -130,6 +169,18 @@ class BlockAdamW:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(s, i)))
         if not self.states:
             raise ValueError("no trainable parameters: the tuning method left nothing to train")
+        shapes = {n: shape for s in self.states for n, shape in zip(s.flat.flat.names, s.flat.shapes)}
+        order = list(shapes) if order is None else order
+        if sorted(order) != sorted(shapes):
+            raise ValueError("order must name each trainable parameter once")
+        # torch.optim numbers parameters across its groups in order: the decayed ones, then the rest.
+        stand_ins = [(n, torch.nn.Parameter(torch.empty((0,) * len(shapes[n])))) for n in order]
+        groups = param_groups(stand_ins, cfg.weight_decay)
+        name_of = {id(p): n for n, p in stand_ins}
+        self._index = {name_of[id(p)]: k for k, p in enumerate(p for g in groups for p in g["params"])}
+        self._groups = torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True
+        ).state_dict()["param_groups"]
         self._by_block: dict[int, list[_State]] = {}
         for s in self.states:
             self._by_block.setdefault(s.flat.block, []).append(s)
@@ -145,7 +196,23 @@ class BlockAdamW:
         self._ahead: deque[int] = deque()  # units to read next, in order
         self._held: PoolBuffer | None = None  # the chunk being updated
         self._pending: deque[_State] = deque()  # stepped, not yet updated, in update order
-        self._lr = 0.0
+        self.overlap = overlap
+        # Speculation: the lr of the armed backward (None: not armed); blocks updated speculatively in it,
+        # in order; a bump allocator over host memory for their backups; whether the next step speculates
+        # (not after a step that clipped or skipped: the next one likely does too, and a rollback costs).
+        self._armed_lr: float | None = None
+        self._spec_lr: float | None = None  # the lr the speculative updates of this step used
+        self._speculated: list[_State] = []
+        self._rollback: torch.Tensor | None = None
+        if overlap == "backward" and rollback_bytes >= 12:
+            self._rollback = flat_buffer(rollback_bytes // 4, torch.float32, _HOST)[0]
+            # Buffer space like the staging slots' (it holds copies in passing), counted as such.
+            self.ledger.add(grads_tier, Kind.STAGING, align_up(rollback_bytes // 4 * 4))
+        self._rollback_used = 0
+        self._speculate_next = True
+        self.rollbacks = 0  # speculative block updates undone, over the run (shown in benchmarks)
+        self.speculated_blocks = 0  # and made
+        self._lr = cfg.lr  # of the last step (a checkpoint records it, as torch does)
         # An update that failed part way (an I/O error) leaves a block half stepped: nothing may go on
         # from that state, and no retry may step its chunks twice.
         self._failed: BaseException | None = None
@@ -170,45 +237,154 @@ class BlockAdamW:
             s.grad[offset : offset + numel].add_(p.grad.reshape(-1).to(s.grad.device, torch.float32))
             s.touched[i] = True
             p.grad = None
+            if self._armed_lr is None:
+                return
+            if s.backup is not None:  # after the block's speculative update: that one must be redone
+                s.late = True
+                return
+            s.fired[i] = True
+            if all(s.fired):
+                self._speculate(s)
 
         return hook
 
-    def _grad_views(self) -> list[torch.Tensor]:
+    @staticmethod
+    def _grad_views(states: list[_State]) -> list[torch.Tensor]:
         views = []
-        for s in self.states:
+        for s in states:
             for i, (offset, p) in enumerate(zip(s.flat.flat.offsets, s.flat.params)):
                 if s.touched[i]:
                     views.append(s.grad[offset : offset + p.numel()])
         return views
 
     def step(self, lr: float) -> StepReport:
-        """Clip, check, and mark the blocks with a gradient for update (see the module docstring)."""
+        """Clip, check, and mark the blocks with a gradient for update (see the module docstring); validate
+        the speculative updates made during backward: kept when the step is exactly what they assumed (no
+        clipping, finite, this lr), else undone and redone as ordinary updates (or undone and skipped)."""
         self._check()
-        self.flush(drop_reads=False)  # a block that was not used since the last step: update it now
-        grads = self._grad_views()
-        if not grads:  # nothing got a gradient: nothing to update (as torch.optim does)
+        self._armed_lr = None
+        speculated, self._speculated = self._speculated, []
+        self._run_pending()  # a block that was not used since the last step: update it now
+        norms = []  # per tensor, in the blocks' order: clip_grad_norm_ over views of the flat buffers
+        for s in self.states:
+            if s.backup is not None and not s.late:
+                norms.append(s.norms)  # its gradient has not changed since
+            elif views := self._grad_views([s]):
+                norms.append(torch.stack(torch._foreach_norm(views, 2.0)))
+        if not norms:  # nothing got a gradient: nothing to update (as torch.optim does)
             return StepReport(grad_norm=0.0, skipped=False)
-        # clip_grad_norm_, spelled out over views of the flat gradient buffers.
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        total = torch.linalg.vector_norm(torch.cat(norms), 2.0)
         norm = float(total)
-        if not math.isfinite(norm):
+        finite = math.isfinite(norm)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) if finite else None
+        exact = finite and float(coef) == 1.0  # grads * coef would change no bit
+        self._speculate_next = exact
+        for s in speculated:
+            if exact and lr == self._spec_lr and not s.late:
+                s.grad.zero_()
+                s.touched = [False] * len(s.touched)
+                s.backup = s.norms = None
+            else:
+                self._roll_back(s)
+        self._rollback_used = 0
+        if not finite:
             self.zero_grad()  # a non-finite gradient would poison the moments: keep the state as it is
             return StepReport(grad_norm=norm, skipped=True)
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
+        if grads := self._grad_views(self.states):  # none left when every block was updated in backward
+            torch._foreach_mul_(grads, coef)
         self._lr = lr
         for s in self.states:
             if any(s.touched):
                 s.pending = True
                 self._pending.append(s)
-        # Read ahead only what this update needs; reads of untouched chunks give their slots back.
+        if self.overlap == "none":
+            self._run_pending()
+        # Read ahead only what this update needs; reads of untouched chunks give their slots back. With
+        # nothing pending, read the next step's state in the order its updates will want it.
         needed = [c.unit for s in self._pending for c in s.chunks if c.extent is not None]
+        if not needed:
+            needed = self._next_order()
         for u in set(self._reads) - set(needed):
             self._drop_read(u)
         self._ahead = deque(u for u in needed if u not in self._reads)
         self._poll()
         return StepReport(grad_norm=norm, skipped=False)
+
+    # -- speculation --------------------------------------------------------------------------------------
+
+    def arm(self, lr: float) -> None:
+        """The next backward is the step's last, and the step will use ``lr``: with ``overlap`` backward,
+        update each block as soon as its gradients are complete (see :meth:`step` for the validation)."""
+        if self.overlap != "backward" or self._rollback is None or not self._speculate_next:
+            return
+        self._check()
+        self._armed_lr = self._spec_lr = lr
+        for s in self.states:
+            s.fired = [False] * len(s.fired or s.touched)
+            s.late = False
+
+    def disarm(self) -> None:
+        """The armed backward is over (or failed): no more speculative updates until the next arm()."""
+        self._armed_lr = None
+
+    def _speculate(self, s: _State) -> None:
+        """Update ``s`` now, as if the step will neither clip nor skip, keeping what it overwrites."""
+        need = 3 * s.flat.numel
+        if s.pending or self._rollback_used + need > self._rollback.numel():
+            return  # no room to undo it: the update waits for the step, as an ordinary one
+        norms = torch.stack(torch._foreach_norm(self._grad_views([s]), 2.0))
+        if not bool(torch.isfinite(norms).all()):
+            self._armed_lr = None  # the step will be skipped: speculate no further
+            return
+        s.norms, s.backup = norms, _Backup(list(s.steps), [])
+        self._speculated.append(s)
+        self.speculated_blocks += 1
+        self._apply(s, self._armed_lr, speculative=True)
+        for i, t in enumerate(s.touched):
+            s.steps[i] += t
+
+    def _keep(self, s: _State, c: _Chunk, params: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy what the update of chunk ``c`` is about to overwrite into the rollback space."""
+        k = c.stop - c.start
+        room = self._rollback[self._rollback_used : self._rollback_used + 3 * k]
+        self._rollback_used += 3 * k
+        room[:k].copy_(params[c.start : c.stop])
+        room[k : 2 * k].copy_(m)
+        room[2 * k :].copy_(v)
+        s.backup.chunks.append((c, room))
+
+    def _roll_back(self, s: _State) -> None:
+        """Put back what the speculative update of ``s`` overwrote; its gradient and ``touched`` are still
+        those of the step, so it can be redone as an ordinary update."""
+        self.rollbacks += 1
+        if any(c.extent is not None for c, _ in s.backup.chunks):  # a staging slot for the old moments
+            while self._writes:
+                self._reap(wait=True)
+            for u in list(self._reads):
+                self._drop_read(u)
+        with trace.span("compute", f"roll back {s.flat.flat.block}"), torch.no_grad():
+            params = self._params(s)
+            n = s.flat.numel
+            for c, room in s.backup.chunks:
+                k = c.stop - c.start
+                params[c.start : c.stop].copy_(room[:k])
+                if c.extent is None:
+                    s.moments[:n].copy_(room[k : 2 * k])
+                    s.moments[n:].copy_(room[2 * k :])
+                    continue
+                self._write_chunk(c, room[k : 2 * k], room[2 * k :])
+            self._finish_params(s, params)
+        s.steps = s.backup.steps
+        s.backup = s.norms = None
+        s.late = False
+
+    def _next_order(self) -> list[int]:
+        """The NVMe chunks in the order the next step's updates will want them: as blocks complete in
+        backward (last block first) when it speculates, else as the forward uses them."""
+        units = list(range(len(self._units)))
+        speculating = self.overlap == "backward" and self._rollback is not None and self._speculate_next
+        return units[::-1] if speculating else units
 
     # -- pending updates ----------------------------------------------------------------------------------
 
@@ -235,9 +411,9 @@ class BlockAdamW:
         """Run every pending update and wait for the state's writes; with ``drop_reads``, also give the
         chunks read ahead back (their staging slots are free for a checkpoint afterwards)."""
         self._check()
-        while self._pending:
-            self._update(self._pending[0])
-            self._pending.popleft()
+        if self._speculated:
+            raise RuntimeError("updates made during backward await their step(): call step() before flush()")
+        self._run_pending()
         while self._writes:
             self._reap(wait=True)
         if drop_reads:
@@ -245,11 +421,21 @@ class BlockAdamW:
                 self._drop_read(u)
             self._ahead.clear()
 
+    def _run_pending(self) -> None:
+        while self._pending:
+            self._update(self._pending[0])
+            self._pending.popleft()
+
     def discard(self) -> None:
-        """Forget the pending updates (a checkpoint is about to replace the weights and the state)."""
+        """Forget the pending and speculative updates (a checkpoint is about to replace the weights and
+        the state)."""
         for s in self._pending:
             s.pending = False
         self._pending.clear()
+        for s in self._speculated:
+            s.backup = s.norms = None
+            s.late = False
+        self._speculated, self._armed_lr, self._rollback_used = [], None, 0
         self.zero_grad()
         while self._writes:
             self._reap(wait=True)
@@ -263,19 +449,37 @@ class BlockAdamW:
 
     def _update(self, s: _State) -> None:
         """Update one pending block (it is ``self._pending[0]``), which may run inside a forward pass."""
+        self._apply(s, self._lr)
+        if self._pending[-1] is s and self._units:  # the step's last block: read the next step's first chunks
+            queued = set(self._ahead)
+            self._ahead.extend(u for u in self._next_order() if u not in queued)
+            self._poll()
+        s.grad.zero_()
+        for i, t in enumerate(s.touched):
+            s.steps[i] += t
+        s.touched = [False] * len(s.touched)
+        s.pending = False
+
+    def _apply(self, s: _State, lr: float, speculative: bool = False) -> None:
+        """AdamW on block ``s`` where its state lives; ``speculative``: keep what it overwrites."""
         no_autocast = torch.autocast(self.device.type, enabled=False)
+        what = "update (speculative)" if speculative else "update"
         try:
-            with trace.span("compute", f"update {s.flat.flat.block}"), torch.no_grad(), no_autocast:
+            with trace.span("compute", f"{what} {s.flat.flat.block}"), torch.no_grad(), no_autocast:
                 params = self._params(s)
                 for c in s.chunks:
                     if c.extent is None:
                         n = s.flat.numel
-                        self._adamw(s, c, params, s.moments[:n], s.moments[n:], self._lr)
+                        if speculative:
+                            self._keep(s, c, params, s.moments[:n], s.moments[n:])
+                        self._adamw(s, c, params, s.moments[:n], s.moments[n:], lr)
                         continue
                     buf = self._take(c.unit)
                     n = c.stop - c.start
                     m = buf.slot[: 8 * n].view(torch.float32)
-                    self._adamw(s, c, params, m[:n], m[n:], self._lr)
+                    if speculative:
+                        self._keep(s, c, params, m[:n], m[n:])
+                    self._adamw(s, c, params, m[:n], m[n:], lr)
                     io = self.store.write(c.extent, buf.slot)
                     self._held = None
                     self._writes.append((c.unit, io, buf))
@@ -284,15 +488,6 @@ class BlockAdamW:
         except BaseException as e:
             self._failed = self._failed or e
             raise
-        if self._pending[-1] is s and self._units:  # the step's last block: read the next step's first chunks
-            queued = set(self._ahead)
-            self._ahead.extend(u for u in range(len(self._units)) if u not in queued)
-            self._poll()
-        s.grad.zero_()
-        for i, t in enumerate(s.touched):
-            s.steps[i] += t
-        s.touched = [False] * len(s.touched)
-        s.pending = False
 
     # -- the ring of NVMe chunks --------------------------------------------------------------------------
 
@@ -350,7 +545,7 @@ class BlockAdamW:
                 self._ahead.remove(unit)
             while self._writing(unit) or self._in_use() >= self._slots:
                 if not self._writes:  # every slot holds a read of a later chunk: give the latest back
-                    later = max(self._reads, key=lambda u: (u - unit) % len(self._units))
+                    later = max(self._reads, key=lambda u: self._distance(unit, u))
                     self._drop_read(later)
                     if later not in self._ahead:
                         self._ahead.appendleft(later)
@@ -371,6 +566,11 @@ class BlockAdamW:
                 self.staging.release(buf)
             raise
         return buf
+
+    def _distance(self, unit: int, other: int) -> int:
+        """How many chunks after ``unit`` the ring reaches ``other``, in the direction it now runs."""
+        n = len(self._units)
+        return (unit - other) % n if self._armed_lr is not None else (other - unit) % n
 
     def _drop_read(self, unit: int) -> None:
         buf, io = self._reads.pop(unit)
@@ -436,7 +636,7 @@ class BlockAdamW:
     def zero_grad(self) -> None:
         """Drop the gradients gathered since the last step (a pending block's are its update's: kept)."""
         for s in self.states:
-            if s.pending:
+            if s.pending or s.backup is not None:
                 continue
             s.grad.zero_()
             s.touched = [False] * len(s.touched)
@@ -469,68 +669,118 @@ class BlockAdamW:
         return out
 
     def save(self, directory: Path) -> None:
-        """One tensor per parameter and moment, and its step count; written one block at a time."""
+        """``optimizer.pt`` in ``torch.optim.AdamW``'s state_dict layout (the resident updater writes the
+        same, and a plain AdamW over the model's trainable parameters loads it), streamed block by block."""
         self.flush()
-        entries = []
+        state: dict[int, dict[str, Deferred]] = {}
+        key = 0
         for s in self.states:
             for i, (name, shape) in enumerate(zip(s.flat.flat.names, s.flat.shapes)):
                 if s.steps[i]:  # torch keeps no state for a parameter never updated
-                    entries += [
-                        (f"{name}.exp_avg", torch.float32, tuple(shape)),
-                        (f"{name}.exp_avg_sq", torch.float32, tuple(shape)),
-                        (f"{name}.step", torch.float32, (1,)),
-                    ]
-        write_safetensors(directory / STATE_FILE, entries, self._tensors())
+                    state[self._index[name]] = {
+                        "step": Deferred(key + 2, (), torch.float32),
+                        "exp_avg": Deferred(key, tuple(shape), torch.float32),
+                        "exp_avg_sq": Deferred(key + 1, tuple(shape), torch.float32),
+                    }
+                    key += 3
+        groups = copy.deepcopy(self._groups)
+        for g in groups:
+            g["lr"] = self._lr
+        write_torch(
+            directory / OPTIMIZER_FILE,
+            {"state": dict(sorted(state.items())), "param_groups": groups},
+            self._tensors(),
+        )
 
-    def _tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        """The state's tensors in the order :meth:`save` numbered them: one block's moments at a time."""
         for s in self.states:
             if not any(s.steps):
                 continue
             moments, n = self._moments_of(s), s.flat.numel
+            for i, (offset, shape) in enumerate(zip(s.flat.flat.offsets, s.flat.shapes)):
+                if s.steps[i]:
+                    k = shape.numel()
+                    yield moments[offset : offset + k].view(shape)
+                    yield moments[n + offset : n + offset + k].view(shape)
+                    yield torch.tensor(float(s.steps[i]))
+
+    def load(self, directory: Path) -> None:
+        """Read ``optimizer.pt`` (written by either updater, so a run may resume with another placement),
+        one block at a time into the state's homes."""
+        self.flush()
+        path = directory / OPTIMIZER_FILE
+        if path.is_file():
+            saved = self._torch_state(directory, path)
+        elif (directory / LEGACY_STATE_FILE).is_file():
+            saved = self._legacy_state(directory / LEGACY_STATE_FILE)
+        else:
+            raise CheckpointError(f"{directory} holds no {OPTIMIZER_FILE}: the checkpoint is incomplete")
+        for s in self.states:
+            n = s.flat.numel
+            moments = torch.zeros(2 * n, dtype=torch.float32)
             for i, (name, offset, shape) in enumerate(
                 zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.shapes)
             ):
-                if s.steps[i]:
-                    k = shape.numel()
-                    yield f"{name}.exp_avg", moments[offset : offset + k].view(shape)
-                    yield f"{name}.exp_avg_sq", moments[n + offset : n + offset + k].view(shape)
-                    yield f"{name}.step", torch.tensor([float(s.steps[i])])
+                entry = saved(name)
+                if entry is None:
+                    s.steps[i] = 0
+                    continue
+                m, v, step = entry
+                if m.numel() != shape.numel() or v.numel() != shape.numel():
+                    raise CheckpointError(
+                        f"{directory}: optimizer state of {name} has {m.numel()} elements, the "
+                        f"parameter {shape.numel()}; was it written by a different job?"
+                    )
+                moments[offset : offset + shape.numel()] = m.reshape(-1)
+                moments[n + offset : n + offset + shape.numel()] = v.reshape(-1)
+                s.steps[i] = step
+            self._put_moments(s, moments)
 
-    def load(self, directory: Path) -> None:
-        self.flush()
-        path = directory / STATE_FILE
-        if not path.is_file():
+    def _torch_state(
+        self, directory: Path, path: Path
+    ) -> Callable[[str], tuple[torch.Tensor, torch.Tensor, int] | None]:
+        """A state_dict's entries by parameter name, read lazily from the mapped file."""
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sizes = [len(g["params"]) for g in saved["param_groups"]]
+            state = saved["state"]
+        except (RuntimeError, pickle.UnpicklingError, KeyError, TypeError) as e:
             raise CheckpointError(
-                f"{directory} holds no {STATE_FILE}: it was written with the optimizer state resident "
-                "(offload.* all device); resume with the placement it was written with"
-            )
-        with safe_open(str(path), framework="pt") as fh:
-            left = set(fh.keys())
-            for s in self.states:
-                n = s.flat.numel
-                moments = torch.zeros(2 * n, dtype=torch.float32)
-                for i, (name, offset, shape) in enumerate(
-                    zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.shapes)
-                ):
-                    if f"{name}.step" not in left:
-                        s.steps[i] = 0
-                        continue
-                    m, v = fh.get_tensor(f"{name}.exp_avg"), fh.get_tensor(f"{name}.exp_avg_sq")
-                    if m.numel() != shape.numel() or v.numel() != shape.numel():
-                        raise CheckpointError(
-                            f"{directory}: optimizer state of {name} has {m.numel()} elements, the "
-                            f"parameter {shape.numel()}; was it written by a different job?"
-                        )
-                    moments[offset : offset + shape.numel()] = m.reshape(-1)
-                    moments[n + offset : n + offset + shape.numel()] = v.reshape(-1)
-                    s.steps[i] = int(fh.get_tensor(f"{name}.step").item())
-                    left -= {f"{name}.exp_avg", f"{name}.exp_avg_sq", f"{name}.step"}
-                self._put_moments(s, moments)
-        if left:
+                f"{path} is not an optimizer state_dict ({e}); the checkpoint is damaged"
+            ) from None
+        if sizes != [len(g["params"]) for g in self._groups] or not set(state) <= set(range(sum(sizes))):
             raise CheckpointError(
-                f"{directory}: optimizer state for parameters this job does not train "
-                f"({sorted(left)[:3]}); was it written by a different job?"
+                f"the optimizer state in {directory} has parameter groups of {sizes} parameters, this job "
+                f"{[len(g['params']) for g in self._groups]}; was it written by a different job?"
             )
+
+        def entry(name: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+            st = state.get(self._index[name])
+            if st is None:
+                return None
+            return st["exp_avg"], st["exp_avg_sq"], int(st["step"].item())
+
+        return entry
+
+    def _legacy_state(self, path: Path) -> Callable[[str], tuple[torch.Tensor, torch.Tensor, int] | None]:
+        """Checkpoints from before optimizer.pt: one tensor per parameter and moment in safetensors."""
+        fh = safe_open(str(path), framework="pt")
+        names = set(fh.keys())
+        unknown = {k.rsplit(".", 1)[0] for k in names} - set(self._index)
+        if unknown:
+            raise CheckpointError(
+                f"{path}: optimizer state for parameters this job does not train "
+                f"({sorted(unknown)[:3]}); was it written by a different job?"
+            )
+
+        def entry(name: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+            if f"{name}.step" not in names:
+                return None
+            step = int(fh.get_tensor(f"{name}.step").item())
+            return fh.get_tensor(f"{name}.exp_avg"), fh.get_tensor(f"{name}.exp_avg_sq"), step
+
+        return entry
 
     def _put_moments(self, s: _State, moments: torch.Tensor) -> None:
         n = s.flat.numel
@@ -538,15 +788,19 @@ class BlockAdamW:
             s.moments.copy_(moments)
             return
         for c in s.chunks:
-            k = c.stop - c.start
-            buf = self.staging.acquire(8 * k)
-            try:
-                m = buf.slot[: 8 * k].view(torch.float32)
-                m[:k] = moments[c.start : c.stop]
-                m[k:] = moments[n + c.start : n + c.stop]
-                self.store.write(c.extent, buf.slot).wait()
-            finally:
-                self.staging.release(buf)
+            self._write_chunk(c, moments[c.start : c.stop], moments[n + c.start : n + c.stop])
+
+    def _write_chunk(self, c: _Chunk, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        """Write one chunk's moments to the drive and wait for them."""
+        k = c.stop - c.start
+        buf = self.staging.acquire(8 * k)
+        try:
+            m = buf.slot[: 8 * k].view(torch.float32)
+            m[:k] = exp_avg
+            m[k:] = exp_avg_sq
+            self.store.write(c.extent, buf.slot).wait()
+        finally:
+            self.staging.release(buf)
 
     def close(self) -> None:
         """Remove the hooks and wait for every transfer (pending updates are not run: :meth:`flush` does
