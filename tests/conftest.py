@@ -27,6 +27,15 @@ FAST = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _no_machine_profile(monkeypatch, tmp_path_factory):
+    """Tests plan and choose kernels without the machine profile a `tiertune probe` here may have written:
+    their numbers must not depend on it."""
+    from tiertune.launch import plan
+
+    monkeypatch.setattr(plan, "DEFAULT_PROFILE", tmp_path_factory.getbasetemp() / "no-machine-profile.json")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

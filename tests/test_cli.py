@@ -83,6 +83,8 @@ def test_probe_measures_the_tiers_and_writes_a_profile(tmp_path, capsys):
     )
     profile = MachineProfile.load(out)
     assert profile.dram_copy_gbps > 0 and profile.cpu_adamw_params_per_s > 0
+    assert profile.cpu_adam_kernels["torch"] > 0  # and deepspeed's, where its op compiles
+    assert profile.cpu_adamw_params_per_s == max(profile.cpu_adam_kernels.values())
     figures = profile.nvme[str(tmp_path)]
     assert set(figures) == {
         f"{rw}_qd{qd}_bs{bs}k" for rw in ("read", "write") for qd in (1, 4, 8) for bs in (128, 1024, 4096)

@@ -168,6 +168,11 @@ class OptimConfig:
         _non_negative,
     )
     min_lr_ratio: float = opt(0.1, "final lr as a share of lr", _between(0.0, 1.0))
+    kernel: Literal["auto", "torch", "deepspeed"] = opt(
+        "auto",
+        "CPU AdamW kernel for offloaded state: torch (fused; equals torch.optim.AdamW bit for bit), deepspeed "
+        "(its CPU Adam; compiled on first use) or auto: the faster as `tiertune probe` measured them, else torch",
+    )
     overlap: Literal["backward", "forward", "none"] = opt(
         "backward",
         "when offloaded state is updated: backward: each block as soon as its gradients are complete, "

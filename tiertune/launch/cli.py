@@ -205,7 +205,11 @@ def _probe(ns: argparse.Namespace) -> int:
     out = Path(ns.out) if ns.out else DEFAULT_PROFILE
     profile.save(out)
     print(f"DRAM copy            {profile.dram_copy_gbps:8.2f} GB/s (read + write)")
-    print(f"CPU AdamW (fused)    {profile.cpu_adamw_params_per_s / 1e9:8.2f} G params/s")
+    for name, rate in profile.cpu_adam_kernels.items():
+        print(f"CPU AdamW {name:10} {rate / 1e9:8.2f} G params/s")
+    from tiertune.optim.kernels import choose
+
+    print(f"optim.kernel=auto    {choose('auto', profile.cpu_adam_kernels)}")
     print(f"device matmul        {profile.device_tflops:8.3f} TFLOP/s")
     for directory, figures in profile.nvme.items():
         print(f"NVMe O_DIRECT in {directory} (GB/s):")

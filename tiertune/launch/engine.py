@@ -26,7 +26,7 @@ from tiertune.config import JobConfig
 from tiertune.errors import CheckpointError, ConfigError
 from tiertune.launch.data import IGNORE_INDEX
 from tiertune.launch.models import WeightSource, materialize, parameter_users, weight_source
-from tiertune.launch.plan import nvme_dirs, nvme_free_bytes, plan_model
+from tiertune.launch.plan import machine_profile, nvme_dirs, nvme_free_bytes, plan_model
 from tiertune.launch.progress import say
 from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
 from tiertune.offload import find_blocks
@@ -36,6 +36,7 @@ from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import write_safetensors
 from tiertune.optim import StepReport, TorchAdamWUpdater
 from tiertune.optim.blockwise import BlockAdamW
+from tiertune.optim.kernels import AdamWKernel, choose, make_kernel
 from tiertune.tuning.registry import TuningMethod
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -408,6 +409,7 @@ def _streaming_engine(
             order=[n for n, p in model.named_parameters() if p.requires_grad],
             overlap=cfg.optim.overlap,
             rollback_bytes=_rollback_room(cfg, plan, device),
+            kernel=_kernel(cfg),
         )
     except BaseException:
         if store is not None:
@@ -417,6 +419,15 @@ def _streaming_engine(
         raise
     say(_describe(plan, store, temporary=cleanup is not None))
     return StreamingEngine(model, streamer, updater, device, cfg.train.dtype, ledger, store, plan, cleanup)
+
+
+def _kernel(cfg: JobConfig) -> AdamWKernel:
+    """The CPU AdamW kernel ``optim.kernel`` asks for (auto: the faster as the machine profile measured)."""
+    profile = machine_profile(cfg)
+    name = choose(cfg.optim.kernel, profile.cpu_adam_kernels if profile is not None else {})
+    if name == "deepspeed":
+        say("AdamW on the CPU through DeepSpeed's CPU Adam (compiled on first use: a minute or two, once)")
+    return make_kernel(name)
 
 
 def _rollback_room(cfg: JobConfig, plan: Plan, device: torch.device) -> int:

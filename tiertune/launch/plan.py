@@ -53,6 +53,12 @@ def plan_job(cfg: JobConfig) -> Plan:
     return plan_model(cfg, model, resolve_budgets(cfg.memory, device), nvme_free_bytes(nvme_dirs(cfg)))
 
 
+def machine_profile(cfg: JobConfig) -> MachineProfile | None:
+    """The profile ``offload.machine_profile`` names, else the probe's default one if it exists."""
+    path = Path(cfg.offload.machine_profile) if cfg.offload.machine_profile else DEFAULT_PROFILE
+    return MachineProfile.load(path) if (cfg.offload.machine_profile or path.exists()) else None
+
+
 def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: int) -> Plan:
     """Plan ``model`` (on any device, meta included) for ``cfg`` under ``budgets``."""
     shapes = [
@@ -68,10 +74,7 @@ def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: i
     weight_bytes = next(model.parameters()).element_size()
     compute_bytes = 2 if cfg.train.dtype == "bf16" else 4
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
-    profile_path = Path(cfg.offload.machine_profile) if cfg.offload.machine_profile else DEFAULT_PROFILE
-    profile = (
-        MachineProfile.load(profile_path) if (cfg.offload.machine_profile or profile_path.exists()) else None
-    )
+    profile = machine_profile(cfg)
     forced = {
         k: None if getattr(cfg.offload, k.value) == "auto" else Tier(getattr(cfg.offload, k.value))
         for k in (Kind.PARAMS, Kind.GRADS, Kind.OPTIMIZER)

@@ -20,9 +20,11 @@ from pathlib import Path
 import psutil
 import torch
 
+from tiertune.errors import ConfigError
 from tiertune.memory.numa import discover, numa_empty, select_cxl_nodes
 from tiertune.memory.profile import MachineProfile
 from tiertune.offload.io import ThreadPoolIO
+from tiertune.optim.kernels import KERNELS, choose, make_kernel, measure
 
 MIB = 2**20
 
@@ -128,18 +130,18 @@ def device_tflops(device: torch.device, repeats: int, n: int = 2048) -> float:
     return round(_median_gbps(2 * n**3, matmul, repeats) / 1e3, 4)  # the helper's 1e9 units -> 1e12
 
 
-def adamw_params_per_s(numel: int, repeats: int) -> float:
-    """Parameters per second through torch's fused CPU AdamW (one step = read/write weights, grads, moments)."""
-    p = torch.nn.Parameter(torch.randn(numel))
-    p.grad = torch.randn(numel)
-    opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
-    opt.step()  # allocates the moments: not part of the steady state
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    return round(numel / statistics.median(times))
+def adam_kernel_rates(numel: int, repeats: int, progress: Callable[[str], None]) -> dict[str, float]:
+    """Parameters per second through each CPU AdamW kernel that can run here (one step = read and write
+    weights, grads, moments); a kernel that cannot (DeepSpeed absent or not compiling) is left out."""
+    rates = {}
+    for name in KERNELS:
+        try:
+            kernel = make_kernel(name)
+        except ConfigError as e:
+            progress(f"no {name} AdamW kernel: {'; '.join(e.problems)}")
+            continue
+        rates[name] = measure(kernel, numel, repeats)
+    return rates
 
 
 def probe(
@@ -153,8 +155,8 @@ def probe(
 ) -> MachineProfile:
     progress("DRAM copy")
     dram = dram_copy_gbps(nbytes, repeats)
-    progress("CPU AdamW")
-    adamw = adamw_params_per_s(adamw_numel, repeats)
+    progress("CPU AdamW kernels (DeepSpeed's compiles on first use: a minute or two, once)")
+    kernels = adam_kernel_rates(adamw_numel, repeats, progress)
     progress("matmul throughput")
     tflops = device_tflops(torch.device("cuda" if torch.cuda.is_available() else "cpu"), repeats)
     nvme = {}
@@ -171,10 +173,11 @@ def probe(
         cpus=os.cpu_count() or 1,
         host_total_bytes=psutil.virtual_memory().total,
         dram_copy_gbps=dram,
-        cpu_adamw_params_per_s=adamw,
+        cpu_adamw_params_per_s=kernels[choose("auto", kernels)],  # the kernel optim.kernel=auto takes
         device_tflops=tflops,
         nvme=nvme,
         cuda=cuda,
         cxl_copy_gbps=cxl,
+        cpu_adam_kernels=kernels,
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )

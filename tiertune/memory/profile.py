@@ -25,6 +25,8 @@ class MachineProfile:
     nvme: dict[str, dict[str, float]] = field(default_factory=dict)  # dir -> {"write_qd8_bs1m": GB/s, ...}
     cuda: dict[str, float] = field(default_factory=dict)  # "h2d_pinned" ... in GB/s; empty without CUDA
     cxl_copy_gbps: dict[str, float] = field(default_factory=dict)  # node id -> GB/s
+    # CPU AdamW kernels (tiertune.optim.kernels) -> params/s; optim.kernel=auto takes the fastest
+    cpu_adam_kernels: dict[str, float] = field(default_factory=dict)
     created: str = ""
 
     def save(self, path: Path) -> None:
@@ -37,6 +39,7 @@ class MachineProfile:
             profile = cls(**json.loads(path.read_text()))
             rates = [profile.dram_copy_gbps, profile.cpu_adamw_params_per_s, profile.device_tflops]
             rates += [v for d in profile.nvme.values() for v in d.values()] + list(profile.cuda.values())
+            rates += list(profile.cpu_adam_kernels.values())
             if not all(isinstance(r, (int, float)) and r > 0 for r in rates):
                 raise ValueError("a measured rate is zero or negative")
             return profile

@@ -150,26 +150,40 @@ class DeepSpeedIO:
 
 def load_deepspeed_aio():  # noqa: ANN201 (the op's module)
     """DeepSpeed's async_io op, compiled if needed; :class:`IOBackendUnavailable` says why it cannot be."""
+    return load_deepspeed_op(
+        "AsyncIOBuilder",
+        "offload.io_backend=deepspeed",
+        "offload.io_backend=threads",
+        IOBackendUnavailable,
+        needs="libaio's headers are missing: install libaio-dev, e.g. `apt-get install libaio-dev`",
+    )
+
+
+def load_deepspeed_op(
+    builder: str, setting: str, instead: str, error: Callable[[str], Exception], needs: str = ""
+):  # noqa: ANN201 (the op's module)
+    """DeepSpeed's CPU op made by ``deepspeed.ops.op_builder.cpu.<builder>``, compiled if needed (into the
+    environment, see :func:`_private_build_dir`). Each way it can fail raises ``error`` with a message that
+    names ``setting`` (what asked for the op), the cause (``needs``: what a builder that is not compatible
+    lacks) and ``instead`` (the setting that does without it)."""
     try:
-        from deepspeed.ops.op_builder.cpu.async_io import AsyncIOBuilder
+        from deepspeed.ops.op_builder import cpu
     except ImportError as e:
-        raise IOBackendUnavailable(
-            f"offload.io_backend=deepspeed: DeepSpeed is not installed ({e}); install it with "
-            "`pip install --no-build-isolation deepspeed`, or use offload.io_backend=threads"
+        raise error(
+            f"{setting}: DeepSpeed is not installed ({e}); install it with "
+            f"`pip install --no-build-isolation deepspeed`, or use {instead}"
         ) from None
     _private_build_dir()
-    builder = AsyncIOBuilder()
-    if not builder.is_compatible():
-        raise IOBackendUnavailable(
-            "offload.io_backend=deepspeed: DeepSpeed's async_io op cannot build here (libaio's headers are "
-            "missing: install libaio-dev, e.g. `apt-get install libaio-dev`); or use offload.io_backend=threads"
+    made = getattr(cpu, builder)()
+    if not made.is_compatible():
+        raise error(
+            f"{setting}: DeepSpeed's {made.NAME} op cannot build here ({needs or 'see its log'}); or use {instead}"
         )
     try:
-        return builder.load(verbose=False)
+        return made.load(verbose=False)
     except Exception as e:  # a compiler or linker failure surfaces as several error types
-        raise IOBackendUnavailable(
-            f"offload.io_backend=deepspeed: building DeepSpeed's async_io op failed ({type(e).__name__}: {e}); "
-            "use offload.io_backend=threads"
+        raise error(
+            f"{setting}: building DeepSpeed's {made.NAME} op failed ({type(e).__name__}: {e}); use {instead}"
         ) from None
 
 

@@ -23,8 +23,9 @@ full set of gradients ever builds up on the device. When an update runs (``optim
   after backward;
 - ``none``: every update inside :meth:`step`, right after backward (the ordinary step, for comparison).
 
-An update is torch's fused AdamW kernel on views of the flat buffers (the same per-element arithmetic as
-``torch.optim.AdamW(fused=True)``); the new weights go home (the streamer writes NVMe-homed weights back).
+An update is one call of the CPU AdamW kernel (:mod:`tiertune.optim.kernels`: torch's fused AdamW, the
+same per-element arithmetic as ``torch.optim.AdamW(fused=True)``, or DeepSpeed's CPU Adam) on views of the
+flat buffers; the new weights go home (the streamer writes NVMe-homed weights back).
 
 Optimizer state on NVMe moves in chunks through a few staging slots, as a ring: chunks are read ahead in
 the order the next updates will want them (the blocks' order, or its reverse when backward will update
@@ -48,7 +49,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch.optim.adamw import adamw
 
 from tiertune import trace
 from tiertune.config import OptimConfig
@@ -61,6 +61,7 @@ from tiertune.offload.planner import OPTIMIZER_CHUNK_BYTES, OPTIMIZER_SLOTS
 from tiertune.offload.store import Extent, NvmeStore, PendingIO, StoreError, settle
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import Deferred, write_torch
+from tiertune.optim.kernels import AdamWKernel, TorchAdamW
 from tiertune.optim.updater import OPTIMIZER_FILE, StepReport, param_groups
 
 LEGACY_STATE_FILE = "optimizer-blocks.safetensors"  # read on resume; written before optimizer.pt
@@ -118,6 +119,7 @@ class BlockAdamW:
         order: list[str] | None = None,
         overlap: str = "forward",
         rollback_bytes: int = 0,
+        kernel: AdamWKernel | None = None,
     ) -> None:
         """``homes`` maps a block name to the home tier of its optimizer state; gradients live on
         ``grads_tier`` (host memory, or the device itself on a machine without an accelerator). NVMe state
@@ -129,7 +131,7 @@ class BlockAdamW:
         complete in the step's last backward, with ``rollback_bytes`` of host memory for what they
         overwrite; blocks beyond it, and every block after a step that clipped or skipped, wait for the
         next forward), ``forward`` (each just before the block's next use) or ``none`` (all in
-        :meth:`step`)."""
+        :meth:`step`). ``kernel`` runs the arithmetic (default: torch's fused AdamW)."""
         if overlap not in ("backward", "forward", "none"):
             raise ValueError(f"overlap must be backward, forward or none, not {overlap!r}")
         self.streamer, self.cfg, self.store, self.ledger = streamer, cfg, store, ledger
@@ -197,6 +199,7 @@ class BlockAdamW:
         self._held: PoolBuffer | None = None  # the chunk being updated
         self._pending: deque[_State] = deque()  # stepped, not yet updated, in update order
         self.overlap = overlap
+        self.kernel = kernel or TorchAdamW()
         # Speculation: the lr of the armed backward (None: not armed); blocks updated speculatively in it,
         # in order; a bump allocator over host memory for their backups; whether the next step speculates
         # (not after a step that clipped or skipped: the next one likely does too, and a rollback costs).
@@ -614,24 +617,10 @@ class BlockAdamW:
                 gs.append(s.grad[lo:hi])
                 ms.append(m[lo - c.start : hi - c.start])
                 vs.append(v[lo - c.start : hi - c.start])
-                steps.append(torch.tensor(float(s.steps[i]), device=params.device))  # adamw adds 1
+                steps.append(s.steps[i])
             if ps:
-                adamw(
-                    ps,
-                    gs,
-                    ms,
-                    vs,
-                    [],
-                    steps,
-                    fused=True,
-                    amsgrad=False,
-                    beta1=b1,
-                    beta2=b2,
-                    lr=lr,
-                    weight_decay=self.cfg.weight_decay if decay else 0.0,
-                    eps=self.cfg.eps,
-                    maximize=False,
-                )
+                wd = self.cfg.weight_decay if decay else 0.0
+                self.kernel(ps, gs, ms, vs, steps, lr=lr, betas=(b1, b2), eps=self.cfg.eps, weight_decay=wd)
 
     def zero_grad(self) -> None:
         """Drop the gradients gathered since the last step (a pending block's are its update's: kept)."""
