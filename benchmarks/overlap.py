@@ -1,34 +1,43 @@
-"""Optimizer state on NVMe against the same training step with everything in RAM, side by side in one run.
+"""Where the optimizer's work goes: the same training step with the update overlapped and not, with the
+state in RAM and on NVMe, side by side in one run.
 
     bash scripts/venv-run python benchmarks/overlap.py [--preset small-llama] [--steps 8] [--repeats 2]
                                                       [--trace DIR]
 
-Three placements of one seeded job train in turn (ram, block, nvme, ram, block, nvme, ...), so machine
+Placements and update schedules of one seeded job train in turn (every run once, then again), so machine
 noise hits all of them:
 
-- ram: everything resident, torch's fused AdamW (the engine tiertune picks when everything fits);
-- block: the block engine with the optimizer state in RAM (the same update code as nvme, no I/O);
-- nvme: the block engine with the optimizer state on an NVMe store: each block's update runs just before
-  the block's next forward, its state read ahead and written back in chunks while the compute goes on.
+- ram: everything resident, torch's fused AdamW after backward (the engine tiertune picks when all fits);
+- block / block-none: the block engine with the optimizer state in RAM, updates overlapped with backward
+  (``optim.overlap=backward``, the default) / all after backward (``optim.overlap=none``);
+- nvme / nvme-forward / nvme-none: the optimizer state on an NVMe store, read ahead and written back in
+  chunks; updates overlapped with backward / each just before its block's next forward / all after
+  backward;
+- no-arithmetic: block, with a kernel that computes nothing: the step without the update's arithmetic
+  (what the optimizer adds is measured against it).
 
-It prints the median step time of each and the ratios nvme/ram and nvme/block (goal: nvme/ram at most
-1.25 once the batch makes compute longer than the state's I/O), and the NVMe bytes moved per step.
-The first two steps of each run are warm-up and not counted. Pass --nvme-dir to put the store on a
-particular drive (default: a temporary directory). --trace DIR adds one traced nvme run (not timed) whose
-trace.json and memory.png stay in DIR, and prints what the trace shows: how long the drive was busy per
-step, how much of that ran during forward and backward, and how long the compute waited for state.
+It prints the median step time of each and the ratios: nvme/ram (goal: at most 1.25 once the batch makes
+compute longer than the state's I/O), overlapped/non-overlapped with the state in RAM and on NVMe, and
+what the optimizer adds to the step without its arithmetic (goal: at most 10% where its work fits inside
+backward: on an accelerator, the CPU's update; on a CPU-only machine only the NVMe traffic can hide, as the
+update's arithmetic needs the same cores as backward). The first two steps of each run are warm-up and not
+counted. Pass --nvme-dir to put the store on a particular drive (default: a temporary directory). --trace
+DIR adds one traced nvme run (not timed) whose trace.json and memory.png stay in DIR, and prints what the
+trace shows: how long the drive was busy per step, how much of that ran during forward and backward, and
+how long the compute waited for state.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from _timing import TIMED_JOB  # benchmarks/, the script's own directory
+from _timing import TIMED_JOB, without_arithmetic  # benchmarks/, the script's own directory
 
 from tiertune.config import load_config
 from tiertune.launch.loop import run
@@ -36,8 +45,12 @@ from tiertune.launch.progress import quiet_libraries
 
 PLACEMENTS = {
     "ram": [],
-    "block": ["offload.optimizer=host"],
-    "nvme": ["offload.optimizer=nvme"],
+    "block": ["offload.optimizer=host", "optim.overlap=backward"],
+    "block-none": ["offload.optimizer=host", "optim.overlap=none"],
+    "nvme": ["offload.optimizer=nvme", "optim.overlap=backward"],
+    "nvme-forward": ["offload.optimizer=nvme", "optim.overlap=forward"],
+    "nvme-none": ["offload.optimizer=nvme", "optim.overlap=none"],
+    "no-arithmetic": ["offload.optimizer=host", "optim.overlap=backward"],
 }
 
 
@@ -71,19 +84,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for name, extra in PLACEMENTS.items():
-                store = [f"offload.nvme_dir=[{args.nvme_dir}]"] if args.nvme_dir and name == "nvme" else []
-                t, memory = step_times([*shape, *extra, *store], args.steps, Path(tmp) / f"{name}-{r}")
+                nvme = args.nvme_dir and name.startswith("nvme")
+                store = [f"offload.nvme_dir=[{args.nvme_dir}]"] if nvme else []
+                print(f"round {r + 1}/{args.repeats}: {name}", flush=True)
+                with without_arithmetic() if name == "no-arithmetic" else contextlib.nullcontext():
+                    t, memory = step_times([*shape, *extra, *store], args.steps, Path(tmp) / f"{name}-{r}")
                 times[name] += t
                 if name == "nvme":
                     nvme_bytes = memory["bytes"].get("nvme", {}).get("optimizer", 0)
     med = {name: statistics.median(t) for name, t in times.items()}
     print(f"{args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, {len(times['ram'])} steps each")
     for name, m in med.items():
-        print(f"  {name:6} median step {m * 1e3:8.1f} ms")
+        print(f"  {name:13} median step {m * 1e3:8.1f} ms")
     print(f"  NVMe optimizer state: {nvme_bytes / 2**20:.1f} MiB read and written per step")
-    print(f"  ratio nvme/ram   {med['nvme'] / med['ram']:.3f}  (goal <= 1.25)")
-    print(f"  ratio nvme/block {med['nvme'] / med['block']:.3f}  (the I/O alone)")
-    print(f"  ratio block/ram  {med['block'] / med['ram']:.3f}  (the block engine alone)")
+    print(f"  ratio nvme/ram                {med['nvme'] / med['ram']:.3f}  (goal <= 1.25)")
+    print(f"  ratio nvme/block              {med['nvme'] / med['block']:.3f}  (the I/O alone)")
+    print(f"  ratio block/ram               {med['block'] / med['ram']:.3f}  (the block engine alone)")
+    print(f"  overlapped/none, RAM state    {med['block'] / med['block-none']:.3f}")
+    print(f"  overlapped/none, NVMe state   {med['nvme'] / med['nvme-none']:.3f}")
+    print(f"  forward/none, NVMe state      {med['nvme-forward'] / med['nvme-none']:.3f}")
+    base = med["no-arithmetic"]
+    for name in ("block", "nvme", "nvme-none"):
+        print(f"  {name:9} adds {med[name] / base - 1:+7.1%} to the step without the update's arithmetic")
     if args.trace:
         out = Path(args.trace)
         cfg = load_config(

@@ -16,6 +16,7 @@ from conftest import fast_config
 from reference import reference_run
 from safetensors.torch import load_file
 
+from tiertune.launch import engine
 from tiertune.launch.loop import run
 from tiertune.launch.models import build_model
 from tiertune.offload import io as offload_io
@@ -419,8 +420,13 @@ def _assert_identical(a, b):
 
 @pytest.mark.parametrize("placement", OVERLAP_PLACEMENTS)
 @pytest.mark.parametrize("clipping", ["clipping", "no-clipping"])
-def test_updates_during_backward_equal_the_ordinary_step(tmp_path, monkeypatch, placement, clipping):
+@pytest.mark.parametrize("undo", ["every-block", "default-share"])
+def test_updates_during_backward_equal_the_ordinary_step(tmp_path, monkeypatch, placement, clipping, undo):
+    """``undo``: room to undo every block, or the default share, where the blocks that complete first are
+    updated in backward and the others wait for their next forward, in one step."""
     made = _updaters(monkeypatch)
+    if undo == "every-block":
+        monkeypatch.setattr(engine, "UNDO_SHARE", 1.0)
     job = [
         *OVERLAP_PLACEMENTS[placement],
         "optim.max_grad_norm=" + ("0.5" if clipping == "clipping" else "0"),
@@ -430,13 +436,14 @@ def test_updates_during_backward_equal_the_ordinary_step(tmp_path, monkeypatch, 
     _assert_identical(overlapped, ordinary)
     spec = made[0]
     assert spec.overlap == "backward" and spec.speculated_blocks > 0
+    every = 6 * len(spec.states)  # blocks, steps
     if clipping == "clipping":
         assert any(r["grad_norm"] > 0.5 for r in overlapped[1])
         assert spec.rollbacks > 0  # the first step clipped: its speculative updates were undone and redone
+    elif undo == "every-block":
+        assert spec.rollbacks == 0 and spec.speculated_blocks == every
     else:
-        assert spec.rollbacks == 0 and spec.speculated_blocks == 6 * len(
-            spec.states
-        )  # every block, every step
+        assert spec.rollbacks == 0 and 6 <= spec.speculated_blocks < every
 
 
 def test_updates_during_backward_match_plain_pytorch_with_clipping(tmp_path):
@@ -477,6 +484,7 @@ def test_an_inf_gradient_undoes_the_updates_made_during_backward(tmp_path, monke
     """Step 3's gradient is inf: the blocks updated during its backward are put back, the step is skipped,
     and training goes on exactly as with the ordinary step."""
     made = _updaters(monkeypatch)
+    monkeypatch.setattr(engine, "UNDO_SHARE", 1.0)  # every block but the poisoned one is updated in backward
     done = _poison(monkeypatch, 3)
     job = [*OVERLAP_PLACEMENTS[placement], "optim.max_grad_norm=0"]
     overlapped = _train(tmp_path / "backward", *job, "optim.overlap=backward")

@@ -430,14 +430,21 @@ def _kernel(cfg: JobConfig) -> AdamWKernel:
     return make_kernel(name)
 
 
+# Undo space for speculative updates, as a share of what undoing every block would take (12 bytes a
+# parameter: weights and two moments). The blocks that complete first in backward (the head, the top
+# layers) have the most backward left to hide behind; the rest wait for their next forward, which hides
+# them too. A quarter keeps the cost in host memory small next to the state itself.
+UNDO_SHARE = 0.25
+
+
 def _rollback_room(cfg: JobConfig, plan: Plan, device: torch.device) -> int:
-    """Host memory for undoing speculative updates: half of what the plan leaves free on the host side (the
-    rest stays a margin), at most the 12 bytes a parameter that undoing every block needs."""
+    """Host memory for undoing speculative updates: :data:`UNDO_SHARE` of what undoing every block takes,
+    at most half of what the plan leaves free on the host side (the rest stays a margin)."""
     if cfg.optim.overlap != "backward":
         return 0
     host = Tier.DEVICE if device.type == "cpu" else Tier.HOST
     free = plan.budgets.get(host, 0) - plan.peak_bytes.get(host, 0)
-    room = min(max(0, free) // 2, 12 * sum(b.trainable for b in plan.blocks))
+    room = min(max(0, free) // 2, int(UNDO_SHARE * 12 * sum(b.trainable for b in plan.blocks)))
     if room < 12 * max(b.trainable for b in plan.blocks):
         say(
             "note: no spare host memory to undo speculative updates: each block's update waits for its next forward"
