@@ -23,6 +23,7 @@ from tiertune.offload import io as offload_io
 from tiertune.offload import planner, streaming
 from tiertune.offload.store import StoreCorruption
 from tiertune.optim import blockwise
+from tiertune.optim.interleave import Side, UpdateProfile
 
 # As in test_equivalence: fused AdamW (tiertune) vs. the for-loop one (reference) differ by float32
 # rounding only. The placements themselves change nothing: see test_placement_changes_no_bit.
@@ -496,3 +497,39 @@ def test_an_inf_gradient_undoes_the_updates_made_during_backward(tmp_path, monke
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert all(torch.isfinite(w).all() for w in overlapped[2].values())
     assert made[0].rollbacks == len(made[0].states) - 1  # every block but the poisoned one
+
+
+@pytest.mark.parametrize("overlap", ["none", "forward", "backward"])
+def test_updates_split_between_the_cpu_and_the_device_equal_the_cpu_alone(tmp_path, monkeypatch, overlap):
+    """Interleaved updates, the device side run on the CPU (scratch slots, copies there and back, the same
+    kernel): a slow device with a fast link gets about a third of the blocks, and the run is the CPU-only
+    run bit for bit. On CUDA the device's kernel rounds differently: see the cuda test."""
+    made = _updaters(monkeypatch)
+    monkeypatch.setattr(blockwise, "UPDATE_ON_CPU", True)
+    slow_device = UpdateProfile(cpu_rate=2e9, gpu_rate=1e9, h2d=5e10, d2h=5e10)
+    monkeypatch.setattr(engine, "_update_profile", lambda cfg: slow_device)
+    job = ["offload.optimizer=host", f"optim.overlap={overlap}"]
+    split = _train(tmp_path / "split", *job)
+    monkeypatch.setattr(blockwise, "UPDATE_ON_CPU", False)
+    alone = _train(tmp_path / "cpu", *job)
+    _assert_identical(split, alone)
+    updater = made[0]
+    assert updater.interleave is not None and made[1].interleave is None
+    assert 0 < updater.device_updates < 6 * len(updater.states)
+    assert updater.interleave.rates[Side.GPU] != slow_device.gpu_rate  # refined from measured blocks
+
+
+@pytest.mark.cuda
+def test_on_cuda_updates_split_between_the_cpu_and_the_gpu_train_like_the_cpu_alone(tmp_path, monkeypatch):
+    """Interleaved updates on a real device (skipped without one): pinned state, the update stream, events.
+    The GPU's AdamW kernel rounds differently from the CPU's: a tolerance of 1e-4."""
+    made = _updaters(monkeypatch)
+    fast_link = UpdateProfile(cpu_rate=1e9, gpu_rate=1e10, h2d=2.5e10, d2h=2.5e10)
+    monkeypatch.setattr(engine, "_update_profile", lambda cfg: fast_link)
+    job = ["train.device=cuda", "offload.optimizer=host", "offload.grads=host", "optim.overlap=forward"]
+    _, rows, split = _train(tmp_path / "split", *job)
+    _, ref_rows, alone = _train(tmp_path / "cpu", *job, "optim.interleave=false")
+    assert made[0].device_updates > 0 and made[1].interleave is None
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], rel=1e-4)
+    for name, weight in alone.items():
+        torch.testing.assert_close(split[name], weight, rtol=0, atol=1e-4, msg=name)

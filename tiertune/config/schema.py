@@ -173,6 +173,11 @@ class OptimConfig:
         "CPU AdamW kernel for offloaded state: torch (fused; equals torch.optim.AdamW bit for bit), deepspeed "
         "(its CPU Adam; compiled on first use) or auto: the faster as `tiertune probe` measured them, else torch",
     )
+    interleave: bool = opt(
+        True,
+        "on an accelerator, update some blocks whose state is in host memory on it (state copied over and "
+        "back) while the CPU updates the others, as a model of both sides' speed plans each step",
+    )
     overlap: Literal["backward", "forward", "none"] = opt(
         "backward",
         "when offloaded state is updated: backward: each block as soon as its gradients are complete, "

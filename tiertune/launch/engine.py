@@ -34,8 +34,9 @@ from tiertune.offload.planner import OPTIMIZER_SLOTS, Plan
 from tiertune.offload.store import NvmeStore
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import write_safetensors
-from tiertune.optim import StepReport, TorchAdamWUpdater
+from tiertune.optim import StepReport, TorchAdamWUpdater, blockwise
 from tiertune.optim.blockwise import BlockAdamW
+from tiertune.optim.interleave import GPU_ADAMW_PARAMS_PER_S, Interleaver, UpdateProfile
 from tiertune.optim.kernels import AdamWKernel, choose, make_kernel
 from tiertune.tuning.registry import TuningMethod
 
@@ -410,6 +411,7 @@ def _streaming_engine(
             overlap=cfg.optim.overlap,
             rollback_bytes=_rollback_room(cfg, plan, device),
             kernel=_kernel(cfg),
+            **_interleaving(cfg, device, plan),
         )
     except BaseException:
         if store is not None:
@@ -419,6 +421,33 @@ def _streaming_engine(
         raise
     say(_describe(plan, store, temporary=cleanup is not None))
     return StreamingEngine(model, streamer, updater, device, cfg.train.dtype, ledger, store, plan, cleanup)
+
+
+# Pinned copy bandwidth assumed each way when no machine profile measured it: PCIe 4.0 x16 in practice.
+DEFAULT_PCIE_BYTES_PER_S = 25e9
+
+
+def _update_profile(cfg: JobConfig) -> UpdateProfile:
+    """The interleaver's prior: the machine profile's figures where `tiertune probe` measured them on an
+    accelerator, else the CPU kernel's measured rate (or a modest default) and a typical PCIe link."""
+    profile = machine_profile(cfg)
+    if profile is not None and profile.cuda:
+        return UpdateProfile.from_machine(profile)
+    cpu = profile.cpu_adamw_params_per_s if profile is not None else 1e9
+    return UpdateProfile(cpu, GPU_ADAMW_PARAMS_PER_S, DEFAULT_PCIE_BYTES_PER_S, DEFAULT_PCIE_BYTES_PER_S)
+
+
+def _interleaving(cfg: JobConfig, device: torch.device, plan: Plan) -> dict:
+    """BlockAdamW's arguments for updates on the device: on an accelerator (or on the CPU when the tests
+    ask for that path), with the device memory the plan leaves free as scratch."""
+    if not cfg.optim.interleave or not (device.type == "cuda" or blockwise.UPDATE_ON_CPU):
+        return {}
+    free = plan.budgets.get(Tier.DEVICE, 0) - plan.peak_bytes.get(Tier.DEVICE, 0)
+    return {
+        "interleave": Interleaver(_update_profile(cfg)),
+        "update_device": device,
+        "device_free_bytes": max(0, free),
+    }
 
 
 def _kernel(cfg: JobConfig) -> AdamWKernel:

@@ -42,6 +42,8 @@ import contextlib
 import copy
 import math
 import pickle
+import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -55,15 +57,19 @@ from tiertune.config import OptimConfig
 from tiertune.errors import CheckpointError
 from tiertune.memory import Kind, Ledger, Tier
 from tiertune.memory.numa import ALIGN, align_up
-from tiertune.memory.pool import BufferPool, PoolBuffer
+from tiertune.memory.pool import BufferPool, PoolBuffer, _register_pinned
 from tiertune.offload.flat import flat_buffer
 from tiertune.offload.planner import OPTIMIZER_CHUNK_BYTES, OPTIMIZER_SLOTS
 from tiertune.offload.store import Extent, NvmeStore, PendingIO, StoreError, settle
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import Deferred, write_torch
+from tiertune.optim.interleave import DEVICE_SLOTS, IN_BYTES_PER_PARAM, Interleaver, Side
 from tiertune.optim.kernels import AdamWKernel, TorchAdamW
 from tiertune.optim.updater import OPTIMIZER_FILE, StepReport, param_groups
 
+# Run the device side of interleaved updates on the CPU (scratch, copies and kernel as on an accelerator, done
+# at once): the tests' way to exercise that path without one, as streaming.STAGE_ON_CPU does for weights.
+UPDATE_ON_CPU = False
 LEGACY_STATE_FILE = "optimizer-blocks.safetensors"  # read on resume; written before optimizer.pt
 _HOST = torch.device("cpu")  # gradients and in-memory state live where the CPU update runs
 
@@ -87,6 +93,7 @@ class _State:
     chunks: list[_Chunk] = field(default_factory=list)
     moments: torch.Tensor | None = None  # [exp_avg | exp_avg_sq], fp32, when the home is memory
     pending: bool = False  # stepped, not yet updated: its gradient holds the clipped step gradient
+    on_device: bool = False  # pending, and planned to be updated on the device (see BlockAdamW._launch)
     # Speculation (see BlockAdamW.arm): which parameters' gradients arrived in the armed backward, what the
     # block's speculative update overwrote, its gradients' per-tensor norms, and whether a gradient came
     # after that update (the update then used an incomplete gradient).
@@ -97,11 +104,32 @@ class _State:
 
 
 @dataclass(eq=False)
+class _OnDevice:
+    """A block's update queued on the device: where its weights come back to, its scratch slot, and the
+    events that time it (None where the device is the CPU: the work is done when launched)."""
+
+    state: _State
+    params: torch.Tensor
+    slot: int
+    start: torch.cuda.Event | None
+    done: torch.cuda.Event | None
+    seconds: float | None
+
+
+@dataclass(eq=False)
 class _Backup:
     """What a speculative update of one block overwrote, to be put back if the step turns out otherwise."""
 
     steps: list[int]
     chunks: list[tuple[_Chunk, torch.Tensor]]  # per chunk: [weights | exp_avg | exp_avg_sq] before it
+
+
+def _pin(t: torch.Tensor) -> None:
+    """Page-lock the whole allocation behind a host buffer of ours (page-aligned, as flat_buffer makes them)
+    for asynchronous copies; unlocked when the buffer is freed."""
+    whole = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage())
+    _register_pinned(whole)
+    weakref.finalize(t, torch.cuda.cudart().cudaHostUnregister, whole.data_ptr())
 
 
 class BlockAdamW:
@@ -120,6 +148,9 @@ class BlockAdamW:
         overlap: str = "forward",
         rollback_bytes: int = 0,
         kernel: AdamWKernel | None = None,
+        interleave: Interleaver | None = None,
+        update_device: torch.device | None = None,
+        device_free_bytes: int = 0,
     ) -> None:
         """``homes`` maps a block name to the home tier of its optimizer state; gradients live on
         ``grads_tier`` (host memory, or the device itself on a machine without an accelerator). NVMe state
@@ -131,7 +162,10 @@ class BlockAdamW:
         complete in the step's last backward, with ``rollback_bytes`` of host memory for what they
         overwrite; blocks beyond it, and every block after a step that clipped or skipped, wait for the
         next forward), ``forward`` (each just before the block's next use) or ``none`` (all in
-        :meth:`step`). ``kernel`` runs the arithmetic (default: torch's fused AdamW)."""
+        :meth:`step`). ``kernel`` runs the arithmetic (default: torch's fused AdamW). With ``interleave``,
+        each step some pending blocks whose state is in memory are updated on ``update_device`` (their
+        weights, gradient and moments copied there and back, two blocks in flight in at most
+        ``device_free_bytes`` of scratch) while the CPU updates the others, as the interleaver plans."""
         if overlap not in ("backward", "forward", "none"):
             raise ValueError(f"overlap must be backward, forward or none, not {overlap!r}")
         self.streamer, self.cfg, self.store, self.ledger = streamer, cfg, store, ledger
@@ -215,6 +249,27 @@ class BlockAdamW:
         self._speculate_next = True
         self.rollbacks = 0  # speculative block updates undone, over the run (shown in benchmarks)
         self.speculated_blocks = 0  # and made
+        # Updates on the device: the plan's model, its scratch (DEVICE_SLOTS blocks' weights, gradient and
+        # moments), the stream the copies and kernels queue on (CUDA), the updates queued, in order.
+        self.interleave = interleave
+        self._scratch: torch.Tensor | None = None
+        self._stream = None
+        self._launched: deque[_OnDevice] = deque()
+        self._in_flight: set[_State] = set()
+        self.device_updates = 0  # block updates planned for the device, over the run
+        fits = [s.flat.numel for s in self.states if s.moments is not None]
+        fits = [n for n in fits if DEVICE_SLOTS * IN_BYTES_PER_PARAM * n <= device_free_bytes]
+        if interleave is not None and update_device is not None and fits:
+            self._scratch = torch.empty(
+                (DEVICE_SLOTS, 4 * max(fits)), dtype=torch.float32, device=update_device
+            )
+            self.ledger.add(Tier.DEVICE, Kind.STAGING, self._scratch.nbytes)
+            if update_device.type == "cuda":
+                self._stream = torch.cuda.Stream(update_device)
+                for s in self.states:  # copies to and from pinned memory run while the CPU goes on
+                    if s.moments is not None:
+                        _pin(s.grad)
+                        _pin(s.moments)
         self._lr = cfg.lr  # of the last step (a checkpoint records it, as torch does)
         # An update that failed part way (an I/O error) leaves a block half stepped: nothing may go on
         # from that state, and no retry may step its chunks twice.
@@ -301,6 +356,8 @@ class BlockAdamW:
             if any(s.touched):
                 s.pending = True
                 self._pending.append(s)
+        self._plan_sides()
+        self._pump()  # the first updates planned for the device start now
         if self.overlap == "none":
             self._run_pending()
         # Read ahead only what this update needs; reads of untouched chunks give their slots back. With
@@ -405,7 +462,6 @@ class BlockAdamW:
             while self._pending:
                 s = self._pending[0]
                 self._update(s)
-                self._pending.popleft()
                 if s.flat.block == block and not any(x.pending for x in self._by_block[block]):
                     break
         self._poll()
@@ -427,11 +483,12 @@ class BlockAdamW:
     def _run_pending(self) -> None:
         while self._pending:
             self._update(self._pending[0])
-            self._pending.popleft()
+        self._pump(drain=True)
 
     def discard(self) -> None:
         """Forget the pending and speculative updates (a checkpoint is about to replace the weights and
         the state)."""
+        self._settle_device()
         for s in self._pending:
             s.pending = False
         self._pending.clear()
@@ -451,17 +508,112 @@ class BlockAdamW:
         return bool(self._pending)
 
     def _update(self, s: _State) -> None:
-        """Update one pending block (it is ``self._pending[0]``), which may run inside a forward pass."""
+        """Update one pending block, which may run inside a forward pass: on the CPU, or (planned for the
+        device) by waiting for its device update, launched earlier or now."""
+        if s.on_device:
+            self._pump(until=s)
+            return
+        t0 = time.perf_counter()
         self._apply(s, self._lr)
+        if self.interleave is not None:
+            self.interleave.observe(
+                Side.CPU, s.flat.numel, time.perf_counter() - t0, contended=bool(self._launched)
+            )
         if self._pending[-1] is s and self._units:  # the step's last block: read the next step's first chunks
             queued = set(self._ahead)
             self._ahead.extend(u for u in self._next_order() if u not in queued)
             self._poll()
+        self._done(s)
+        self._pump()
+
+    def _done(self, s: _State) -> None:
+        """Bookkeeping once a block's update has landed: its gradient spent, its step counts advanced."""
         s.grad.zero_()
         for i, t in enumerate(s.touched):
             s.steps[i] += t
         s.touched = [False] * len(s.touched)
-        s.pending = False
+        s.pending = s.on_device = False
+        self._pending.remove(s)
+
+    # -- updates on the device (interleaved with the CPU's) ---------------------------------------------
+
+    def _plan_sides(self) -> None:
+        """Put some pending blocks' updates on the device, as the interleaver's model says pays: blocks whose
+        moments live in memory (NVMe state streams through host slots: it stays on the CPU)."""
+        if self.interleave is None or self._scratch is None:
+            return
+        eligible = [s for s in self._pending if s.moments is not None]
+        plan = self.interleave.plan([s.flat.numel for s in eligible], self._scratch.nbytes)
+        for s, side in zip(eligible, plan.sides):
+            s.on_device = side is Side.GPU
+        self.device_updates += sum(side is Side.GPU for side in plan.sides)
+
+    def _pump(self, until: _State | None = None, drain: bool = False) -> None:
+        """Finish the device updates that have landed, in launch order (waiting for them until ``until``'s
+        has landed, or with ``drain`` until every planned one has), and launch the next planned ones while
+        a device slot is free."""
+        while True:
+            while self._launched and (
+                drain or (until is not None and until.pending) or self._landed(self._launched[0])
+            ):
+                self._finish_on_device(self._launched.popleft())
+            waiting = [s for s in self._pending if s.on_device and s not in self._in_flight]
+            while waiting and len(self._launched) < DEVICE_SLOTS:
+                self._launch(waiting.pop(0))
+            if not ((drain and self._launched) or (until is not None and until.pending)):
+                return
+
+    def _settle_device(self) -> None:
+        """Wait for the device updates in flight and forget them (their blocks are not finished)."""
+        for job in self._launched:
+            if job.done is not None:
+                job.done.synchronize()
+        self._launched.clear()
+        self._in_flight.clear()
+        for s in self.states:
+            s.on_device = False
+
+    def _landed(self, job: _OnDevice) -> bool:
+        return job.done is None or job.done.query()
+
+    def _launch(self, s: _State) -> None:
+        """Copy the block's weights, gradient and moments to the device, update them there, copy the
+        weights and moments back: all queued on the update stream, nothing waited for."""
+        busy = {job.slot for job in self._launched}
+        slot = next(i for i in range(DEVICE_SLOTS) if i not in busy)
+        n = s.flat.numel
+        room = self._scratch[slot, : 4 * n]
+        p, g, m, v = room[:n], room[n : 2 * n], room[2 * n : 3 * n], room[3 * n :]
+        params = self._params(s)
+        stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        start = torch.cuda.Event(enable_timing=True) if self._stream is not None else None
+        t0 = time.perf_counter()
+        with trace.span("compute", f"update on device {s.flat.flat.block}"), torch.no_grad(), stream:
+            if start is not None:
+                start.record()
+            for dst, src in ((p, params), (g, s.grad), (m, s.moments[:n]), (v, s.moments[n:])):
+                dst.copy_(src, non_blocking=True)
+            whole = _Chunk(0, n)
+            self._adamw(s, whole, p, m, v, self._lr, grad=g)
+            for dst, src in ((params, p), (s.moments[:n], m), (s.moments[n:], v)):
+                dst.copy_(src, non_blocking=True)
+            done = None
+            if self._stream is not None:
+                done = torch.cuda.Event(enable_timing=True)
+                done.record()
+        seconds = None if done is not None else time.perf_counter() - t0
+        self._launched.append(_OnDevice(s, params, slot, start, done, seconds))
+        self._in_flight.add(s)
+
+    def _finish_on_device(self, job: _OnDevice) -> None:
+        s = job.state
+        if job.done is not None:
+            job.done.synchronize()
+            job.seconds = job.start.elapsed_time(job.done) / 1e3
+        self._in_flight.discard(s)
+        self.interleave.observe(Side.GPU, s.flat.numel, job.seconds)
+        self._finish_params(s, job.params)
+        self._done(s)
 
     def _apply(self, s: _State, lr: float, speculative: bool = False) -> None:
         """AdamW on block ``s`` where its state lives; ``speculative``: keep what it overwrites."""
@@ -603,9 +755,18 @@ class BlockAdamW:
             self.streamer.reload(f)  # host or CXL home, updated in place: into the window if it holds it
 
     def _adamw(
-        self, s: _State, c: _Chunk, params: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float
+        self,
+        s: _State,
+        c: _Chunk,
+        params: torch.Tensor,
+        m: torch.Tensor,
+        v: torch.Tensor,
+        lr: float,
+        grad: torch.Tensor | None = None,
     ) -> None:
-        """Fused AdamW on the parts of the touched parameters inside the chunk, decayed and not."""
+        """AdamW on the parts of the touched parameters inside the chunk, decayed and not (``grad``: the
+        flat's gradient where the update runs, by default its home buffer)."""
+        grad = s.grad if grad is None else grad
         b1, b2 = self.cfg.betas
         for decay in (True, False):
             ps, gs, ms, vs, steps = [], [], [], [], []
@@ -614,7 +775,7 @@ class BlockAdamW:
                 if lo >= hi or not s.touched[i] or s.decay[i] != decay:
                     continue
                 ps.append(params[lo:hi])
-                gs.append(s.grad[lo:hi])
+                gs.append(grad[lo:hi])
                 ms.append(m[lo - c.start : hi - c.start])
                 vs.append(v[lo - c.start : hi - c.start])
                 steps.append(s.steps[i])
@@ -794,6 +955,7 @@ class BlockAdamW:
     def close(self) -> None:
         """Remove the hooks and wait for every transfer (pending updates are not run: :meth:`flush` does
         that); safe on the way out of an error."""
+        self._settle_device()
         for h in self._hooks:
             h.remove()
         self._hooks = []
