@@ -5,6 +5,7 @@ import contextlib
 from collections.abc import Iterator
 
 from tiertune.launch import engine
+from tiertune.optim import blockwise
 
 # No progress output, checkpoints, evaluation or warmup: the steps the benchmarks time are training alone.
 TIMED_JOB = [
@@ -35,3 +36,20 @@ def without_arithmetic() -> Iterator[None]:
         yield
     finally:
         engine.make_kernel = make_kernel
+
+
+@contextlib.contextmanager
+def recording_updaters() -> Iterator[list]:
+    """The block optimizers built inside, in order (their counters say what the run did)."""
+    made: list = []
+    init = blockwise.BlockAdamW.__init__
+
+    def recording(self, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    blockwise.BlockAdamW.__init__ = recording
+    try:
+        yield made
+    finally:
+        blockwise.BlockAdamW.__init__ = init

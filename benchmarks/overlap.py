@@ -37,7 +37,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _timing import TIMED_JOB, without_arithmetic  # benchmarks/, the script's own directory
+from _timing import (
+    TIMED_JOB,
+    recording_updaters,
+    without_arithmetic,
+)  # benchmarks/, the script's own directory
 
 from tiertune.config import load_config
 from tiertune.launch.loop import run
@@ -54,11 +58,17 @@ PLACEMENTS = {
 }
 
 
-def step_times(overrides: list[str], steps: int, out: Path) -> tuple[list[float], dict]:
+def step_times(overrides: list[str], steps: int, out: Path) -> tuple[list[float], dict, tuple[int, int, int]]:
+    """Step times after the first two, the run's memory summary, and (block updates made during backward,
+    undone, block updates in all) as its block optimizer counted them."""
     cfg = load_config(None, [*TIMED_JOB, *overrides, f"train.max_steps={steps}", f"output_dir={out}"])
     stamps: list[float] = []
-    summary = run(cfg, callbacks=[lambda row: stamps.append(time.perf_counter())])
-    return [b - a for a, b in zip(stamps[1:], stamps[2:])], summary.memory
+    with recording_updaters() as made:
+        summary = run(cfg, callbacks=[lambda row: stamps.append(time.perf_counter())])
+    counts = (0, 0, 0)
+    if made:
+        counts = (made[0].speculated_blocks, made[0].rollbacks, steps * len(made[0].states))
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])], summary.memory, counts
 
 
 def main() -> None:
@@ -80,6 +90,7 @@ def main() -> None:
         f"data.seq_len={args.seq_len}",
     ]
     times: dict[str, list[float]] = {name: [] for name in PLACEMENTS}
+    spec: dict[str, list[int]] = {}
     nvme_bytes = 0
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
@@ -88,7 +99,10 @@ def main() -> None:
                 store = [f"offload.nvme_dir=[{args.nvme_dir}]"] if nvme else []
                 print(f"round {r + 1}/{args.repeats}: {name}", flush=True)
                 with without_arithmetic() if name == "no-arithmetic" else contextlib.nullcontext():
-                    t, memory = step_times([*shape, *extra, *store], args.steps, Path(tmp) / f"{name}-{r}")
+                    t, memory, counts = step_times(
+                        [*shape, *extra, *store], args.steps, Path(tmp) / f"{name}-{r}"
+                    )
+                spec[name] = [a + b for a, b in zip(spec.get(name, [0, 0, 0]), counts)]
                 times[name] += t
                 if name == "nvme":
                     nvme_bytes = memory["bytes"].get("nvme", {}).get("optimizer", 0)
@@ -103,6 +117,9 @@ def main() -> None:
     print(f"  overlapped/none, RAM state    {med['block'] / med['block-none']:.3f}")
     print(f"  overlapped/none, NVMe state   {med['nvme'] / med['nvme-none']:.3f}")
     print(f"  forward/none, NVMe state      {med['nvme-forward'] / med['nvme-none']:.3f}")
+    for name in ("block", "nvme"):
+        made, undone, total = spec[name]
+        print(f"  {name:5} block updates made during backward: {made} of {total}, {undone} undone")
     base = med["no-arithmetic"]
     for name in ("block", "nvme", "nvme-none"):
         print(f"  {name:9} adds {med[name] / base - 1:+7.1%} to the step without the update's arithmetic")

@@ -69,3 +69,30 @@ def test_without_deepspeed_the_kernel_says_what_to_do(monkeypatch):
         ConfigError, match=r"optim.kernel=deepspeed: DeepSpeed is not installed.*optim.kernel=torch"
     ):
         load_deepspeed_cpu_adam()
+
+
+def test_deepspeeds_kernel_gives_the_same_bits_whatever_came_before():
+    """The op keeps beta**step per optimizer; it must not matter which tensor it updated before (blocks
+    run in another order when updated during backward) or whether it is a fresh one (a resumed run)."""
+
+    def train(order, first=0, last=60, state=None, kernel=None):
+        kernel = kernel or make_kernel("deepspeed")
+        g = torch.Generator().manual_seed(1)
+        state = state or {
+            k: [torch.randn(777, generator=g), torch.zeros(777), torch.zeros(777)] for k in "ab"
+        }
+        for step in range(first, last):
+            grads = {
+                k: torch.randn(777, generator=torch.Generator().manual_seed(step * 2 + (k == "b")))
+                for k in "ab"
+            }
+            for k in order:
+                p, m, v = state[k]
+                kernel([p], [grads[k]], [m], [v], [step], weight_decay=0.1, **HYPER)
+        return state
+
+    ab, ba = train("ab"), train("ba")
+    assert all(torch.equal(x, y) for k in "ab" for x, y in zip(ab[k], ba[k]))
+    # Another kernel instance from step 40 on: beta**40 computed at once, not as 40 products in float.
+    resumed = train("ab", first=40, state=train("ab", last=40))
+    assert all(torch.equal(x, y) for k in "ab" for x, y in zip(ab[k], resumed[k]))

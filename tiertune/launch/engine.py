@@ -197,9 +197,9 @@ class StreamingEngine(TrainEngine):
         with trace.span("compute", "forward"):
             loss_sum = self._loss_sum(batch)
         self.streamer.backward = True
-        if step_lr is not None:
-            self.updater.arm(step_lr)
         try:
+            if step_lr is not None:
+                self.updater.arm(step_lr)
             with trace.span("compute", "backward"):
                 (loss_sum / step_targets).backward()
         finally:
@@ -456,7 +456,15 @@ def _kernel(cfg: JobConfig) -> AdamWKernel:
     name = choose(cfg.optim.kernel, profile.cpu_adam_kernels if profile is not None else {})
     if name == "deepspeed":
         say("AdamW on the CPU through DeepSpeed's CPU Adam (compiled on first use: a minute or two, once)")
-    return make_kernel(name)
+    try:
+        return make_kernel(name)
+    except ConfigError as e:
+        if cfg.optim.kernel != "auto":
+            raise
+        say(
+            f"note: the machine profile favours DeepSpeed's CPU Adam, which cannot run here ({e.problems[0]}); using torch's"
+        )
+        return make_kernel("torch")
 
 
 # Undo space for speculative updates, as a share of what undoing every block would take (12 bytes a

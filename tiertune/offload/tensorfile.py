@@ -137,7 +137,10 @@ def write_torch(path: Path, obj: object, tensors: Iterable[torch.Tensor]) -> Non
     if sorted(placeholders) != list(range(len(placeholders))):
         raise ValueError(f"{path.name}: placeholder keys must be 0..{len(placeholders) - 1}")
     with open(path, "wb") as fh:
-        archive = torch._C.PyTorchFileWriter(fh, True, 64)
+        try:  # CRC32 on, 64-byte aligned records (what torch.save writes and mmap loading wants)
+            archive = torch._C.PyTorchFileWriter(fh, True, 64)
+        except TypeError:  # a torch before the writer took those: it aligns to 64 and computes CRC32 itself
+            archive = torch._C.PyTorchFileWriter(fh)
         try:
             _write_records(archive, path, data.getvalue(), placeholders, tensors)
         finally:
@@ -163,8 +166,9 @@ def _write_records(
                 f"{path.name}: tensor {count} is {tensor.dtype} {tuple(tensor.shape)}, expected {want}"
             )
         raw = tensor.detach().to("cpu").contiguous()
-        # From the tensor's first byte: a view's storage starts wherever its base does.
-        archive.write_record(f"data/{count}", raw.data_ptr(), raw.nbytes)
+        if raw.storage_offset() or raw.untyped_storage().nbytes() != raw.nbytes:
+            raw = raw.clone()  # a view: the record is a whole storage, and its storage starts at its base's
+        archive.write_record(f"data/{count}", raw.untyped_storage(), raw.nbytes)
         del raw, tensor
         count += 1
     if count != len(placeholders):

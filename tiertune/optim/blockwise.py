@@ -23,6 +23,11 @@ full set of gradients ever builds up on the device. When an update runs (``optim
   after backward;
 - ``none``: every update inside :meth:`step`, right after backward (the ordinary step, for comparison).
 
+On an accelerator (``interleave``), each step some pending blocks whose state is in memory are updated on
+it instead: weights, gradient and moments copied over, updated, copied back, each stage on its own
+stream, two blocks in flight, while the CPU updates the others; :mod:`tiertune.optim.interleave` plans
+which, and learns both sides' rates from the blocks' measured times.
+
 An update is one call of the CPU AdamW kernel (:mod:`tiertune.optim.kernels`: torch's fused AdamW, the
 same per-element arithmetic as ``torch.optim.AdamW(fused=True)``, or DeepSpeed's CPU Adam) on views of the
 flat buffers; the new weights go home (the streamer writes NVMe-homed weights back).
@@ -106,13 +111,12 @@ class _State:
 @dataclass(eq=False)
 class _OnDevice:
     """A block's update queued on the device: where its weights come back to, its scratch slot, and the
-    events that time it (None where the device is the CPU: the work is done when launched)."""
+    events that time it (None where the CPU stands in for the device: the work is done when launched)."""
 
     state: _State
     params: torch.Tensor
     slot: int
-    start: torch.cuda.Event | None
-    done: torch.cuda.Event | None
+    events: list[torch.cuda.Event] | None  # start and end of each stage: copy in, kernel, copy out
     seconds: float | None
 
 
@@ -241,7 +245,8 @@ class BlockAdamW:
         self._spec_lr: float | None = None  # the lr the speculative updates of this step used
         self._speculated: list[_State] = []
         self._rollback: torch.Tensor | None = None
-        if overlap == "backward" and rollback_bytes >= 12:
+        # Room to undo at least the smallest block, or no speculation at all (and read-ahead as for forward).
+        if overlap == "backward" and rollback_bytes >= 12 * min(s.flat.numel for s in self.states):
             self._rollback = flat_buffer(rollback_bytes // 4, torch.float32, _HOST)[0]
             # Buffer space like the staging slots' (it holds copies in passing), counted as such.
             self.ledger.add(grads_tier, Kind.STAGING, align_up(rollback_bytes // 4 * 4))
@@ -253,7 +258,8 @@ class BlockAdamW:
         # moments), the stream the copies and kernels queue on (CUDA), the updates queued, in order.
         self.interleave = interleave
         self._scratch: torch.Tensor | None = None
-        self._stream = None
+        self._streams: tuple[torch.cuda.Stream, ...] | None = None
+        self._device_kernel = TorchAdamW()  # whatever runs on the CPU, the device runs torch's
         self._launched: deque[_OnDevice] = deque()
         self._in_flight: set[_State] = set()
         self.device_updates = 0  # block updates planned for the device, over the run
@@ -265,7 +271,7 @@ class BlockAdamW:
             )
             self.ledger.add(Tier.DEVICE, Kind.STAGING, self._scratch.nbytes)
             if update_device.type == "cuda":
-                self._stream = torch.cuda.Stream(update_device)
+                self._streams = tuple(torch.cuda.Stream(update_device) for _ in range(3))
                 for s in self.states:  # copies to and from pinned memory run while the CPU goes on
                     if s.moments is not None:
                         _pin(s.grad)
@@ -418,33 +424,38 @@ class BlockAdamW:
         """Put back what the speculative update of ``s`` overwrote; its gradient and ``touched`` are still
         those of the step, so it can be redone as an ordinary update."""
         self.rollbacks += 1
-        if any(c.extent is not None for c, _ in s.backup.chunks):  # a staging slot for the old moments
-            while self._writes:
-                self._reap(wait=True)
-            for u in list(self._reads):
-                self._drop_read(u)
-        with trace.span("compute", f"roll back {s.flat.flat.block}"), torch.no_grad():
-            params = self._params(s)
-            n = s.flat.numel
-            for c, room in s.backup.chunks:
-                k = c.stop - c.start
-                params[c.start : c.stop].copy_(room[:k])
-                if c.extent is None:
-                    s.moments[:n].copy_(room[k : 2 * k])
-                    s.moments[n:].copy_(room[2 * k :])
-                    continue
-                self._write_chunk(c, room[k : 2 * k], room[2 * k :])
-            self._finish_params(s, params)
+        try:  # half undone, a block is neither stepped nor not: like a failed update, nothing may go on
+            if any(c.extent is not None for c, _ in s.backup.chunks):  # a staging slot for the old moments
+                while self._writes:
+                    self._reap(wait=True)
+                for u in list(self._reads):
+                    self._drop_read(u)
+            with trace.span("compute", f"roll back {s.flat.flat.block}"), torch.no_grad():
+                params = self._params(s)
+                n = s.flat.numel
+                for c, room in s.backup.chunks:
+                    k = c.stop - c.start
+                    params[c.start : c.stop].copy_(room[:k])
+                    if c.extent is None:
+                        s.moments[:n].copy_(room[k : 2 * k])
+                        s.moments[n:].copy_(room[2 * k :])
+                        continue
+                    self._write_chunk(c, room[k : 2 * k], room[2 * k :])
+                self._finish_params(s, params)
+        except BaseException as e:
+            self._failed = self._failed or e
+            raise
         s.steps = s.backup.steps
         s.backup = s.norms = None
         s.late = False
 
     def _next_order(self) -> list[int]:
-        """The NVMe chunks in the order the next step's updates will want them: as blocks complete in
-        backward (last block first) when it speculates, else as the forward uses them."""
-        units = list(range(len(self._units)))
+        """The NVMe chunks in the order the next step's updates will want them: blocks as they complete in
+        backward (the last first) when it speculates, else as the forward uses them; a block's own chunks
+        in their order either way (an update walks them so)."""
         speculating = self.overlap == "backward" and self._rollback is not None and self._speculate_next
-        return units[::-1] if speculating else units
+        states = self.states[::-1] if speculating else self.states
+        return [c.unit for s in states for c in s.chunks if c.extent is not None]
 
     # -- pending updates ----------------------------------------------------------------------------------
 
@@ -566,50 +577,66 @@ class BlockAdamW:
     def _settle_device(self) -> None:
         """Wait for the device updates in flight and forget them (their blocks are not finished)."""
         for job in self._launched:
-            if job.done is not None:
-                job.done.synchronize()
+            if job.events is not None:
+                job.events[5].synchronize()
         self._launched.clear()
         self._in_flight.clear()
         for s in self.states:
             s.on_device = False
 
     def _landed(self, job: _OnDevice) -> bool:
-        return job.done is None or job.done.query()
+        return job.events is None or job.events[5].query()
 
     def _launch(self, s: _State) -> None:
-        """Copy the block's weights, gradient and moments to the device, update them there, copy the
-        weights and moments back: all queued on the update stream, nothing waited for."""
+        """Copy the block's weights, gradient and moments to the device, update them there with torch's
+        kernel, copy the weights and moments back: each stage on its own stream (copy in, kernel, copy
+        out), so consecutive blocks overlap as a pipeline; nothing is waited for here."""
         busy = {job.slot for job in self._launched}
-        slot = next(i for i in range(DEVICE_SLOTS) if i not in busy)
+        slot = next(i for i in range(DEVICE_SLOTS) if i not in busy)  # its last user has been finished
         n = s.flat.numel
         room = self._scratch[slot, : 4 * n]
         p, g, m, v = room[:n], room[n : 2 * n], room[2 * n : 3 * n], room[3 * n :]
         params = self._params(s)
-        stream = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
-        start = torch.cuda.Event(enable_timing=True) if self._stream is not None else None
+        ins = ((p, params), (g, s.grad), (m, s.moments[:n]), (v, s.moments[n:]))
+        outs = ((params, p), (s.moments[:n], m), (s.moments[n:], v))
         t0 = time.perf_counter()
-        with trace.span("compute", f"update on device {s.flat.flat.block}"), torch.no_grad(), stream:
-            if start is not None:
-                start.record()
-            for dst, src in ((p, params), (g, s.grad), (m, s.moments[:n]), (v, s.moments[n:])):
-                dst.copy_(src, non_blocking=True)
-            whole = _Chunk(0, n)
-            self._adamw(s, whole, p, m, v, self._lr, grad=g)
-            for dst, src in ((params, p), (s.moments[:n], m), (s.moments[n:], v)):
-                dst.copy_(src, non_blocking=True)
-            done = None
-            if self._stream is not None:
-                done = torch.cuda.Event(enable_timing=True)
-                done.record()
-        seconds = None if done is not None else time.perf_counter() - t0
-        self._launched.append(_OnDevice(s, params, slot, start, done, seconds))
+        with trace.span("compute", f"update on device {s.flat.flat.block}"), torch.no_grad():
+            if self._streams is None:  # the CPU standing in for the device: each stage at once
+                for dst, src in ins:
+                    dst.copy_(src)
+                self._adamw(s, _Chunk(0, n), p, m, v, self._lr, grad=g, kernel=self._device_kernel)
+                for dst, src in outs:
+                    dst.copy_(src)
+                self._launched.append(_OnDevice(s, params, slot, None, time.perf_counter() - t0))
+                self._in_flight.add(s)
+                return
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]  # each stage's start, end
+            copy_in, compute, copy_out = self._streams
+            with torch.cuda.stream(copy_in):
+                events[0].record()
+                for dst, src in ins:
+                    dst.copy_(src, non_blocking=True)
+                events[1].record()
+            compute.wait_event(events[1])
+            with torch.cuda.stream(compute):
+                events[2].record()
+                self._adamw(s, _Chunk(0, n), p, m, v, self._lr, grad=g, kernel=self._device_kernel)
+                events[3].record()
+            copy_out.wait_event(events[3])
+            with torch.cuda.stream(copy_out):
+                events[4].record()
+                for dst, src in outs:
+                    dst.copy_(src, non_blocking=True)
+                events[5].record()
+        self._launched.append(_OnDevice(s, params, slot, events, None))
         self._in_flight.add(s)
 
     def _finish_on_device(self, job: _OnDevice) -> None:
         s = job.state
-        if job.done is not None:
-            job.done.synchronize()
-            job.seconds = job.start.elapsed_time(job.done) / 1e3
+        if job.events is not None:
+            job.events[5].synchronize()
+            # What the block adds to a full pipeline: its slowest stage.
+            job.seconds = max(job.events[i].elapsed_time(job.events[i + 1]) for i in (0, 2, 4)) / 1e3
         self._in_flight.discard(s)
         self.interleave.observe(Side.GPU, s.flat.numel, job.seconds)
         self._finish_params(s, job.params)
@@ -723,9 +750,11 @@ class BlockAdamW:
         return buf
 
     def _distance(self, unit: int, other: int) -> int:
-        """How many chunks after ``unit`` the ring reaches ``other``, in the direction it now runs."""
-        n = len(self._units)
-        return (unit - other) % n if self._armed_lr is not None else (other - unit) % n
+        """How many chunks after ``unit`` the ring reaches ``other``, in the order it now runs (blocks as
+        backward completes them while a backward is armed, else as the forward uses them)."""
+        states = self.states[::-1] if self._armed_lr is not None else self.states
+        pos = {c.unit: i for i, c in enumerate(c for s in states for c in s.chunks if c.extent is not None)}
+        return (pos[other] - pos[unit]) % len(self._units)
 
     def _drop_read(self, unit: int) -> None:
         buf, io = self._reads.pop(unit)
@@ -763,10 +792,13 @@ class BlockAdamW:
         v: torch.Tensor,
         lr: float,
         grad: torch.Tensor | None = None,
+        kernel: AdamWKernel | None = None,
     ) -> None:
         """AdamW on the parts of the touched parameters inside the chunk, decayed and not (``grad``: the
-        flat's gradient where the update runs, by default its home buffer)."""
+        flat's gradient where the update runs, by default its home buffer; ``kernel``: by default the
+        CPU's)."""
         grad = s.grad if grad is None else grad
+        kernel = kernel or self.kernel
         b1, b2 = self.cfg.betas
         for decay in (True, False):
             ps, gs, ms, vs, steps = [], [], [], [], []
@@ -781,7 +813,7 @@ class BlockAdamW:
                 steps.append(s.steps[i])
             if ps:
                 wd = self.cfg.weight_decay if decay else 0.0
-                self.kernel(ps, gs, ms, vs, steps, lr=lr, betas=(b1, b2), eps=self.cfg.eps, weight_decay=wd)
+                kernel(ps, gs, ms, vs, steps, lr=lr, betas=(b1, b2), eps=self.cfg.eps, weight_decay=wd)
 
     def zero_grad(self) -> None:
         """Drop the gradients gathered since the last step (a pending block's are its update's: kept)."""
@@ -909,7 +941,13 @@ class BlockAdamW:
             st = state.get(self._index[name])
             if st is None:
                 return None
-            return st["exp_avg"], st["exp_avg_sq"], int(st["step"].item())
+            try:
+                return st["exp_avg"], st["exp_avg_sq"], int(st["step"].item())
+            except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+                raise CheckpointError(
+                    f"{path}: the optimizer state of {name} is incomplete ({type(e).__name__}: {e}); "
+                    "the checkpoint is damaged"
+                ) from None
 
         return entry
 

@@ -87,6 +87,10 @@ class DeepSpeedAdam:
         for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
             if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
                 raise ValueError("DeepSpeed's CPU Adam updates contiguous tensors only")
+            # The op keeps beta**step per optimizer id and advances it by one multiplication when called
+            # with the next step, else computes pow(): the last bit would depend on which tensor came
+            # before. A fresh id state for every tensor makes it pow(beta, step) each time.
+            self._op.create_adam(self._id, lr, betas[0], betas[1], eps, weight_decay, True, False)
             self._op.adam_update(
                 self._id, step + 1, lr, betas[0], betas[1], eps, weight_decay, True, p, g, m, v
             )
