@@ -445,6 +445,9 @@ def test_updates_during_backward_equal_the_ordinary_step(tmp_path, monkeypatch, 
         assert spec.rollbacks == 0 and spec.speculated_blocks == every
     else:
         assert spec.rollbacks == 0 and 6 <= spec.speculated_blocks < every
+    rows = overlapped[1]  # the metrics rows say the same, step by step
+    assert sum(r["updates_in_backward"] + r["updates_undone"] for r in rows) == spec.speculated_blocks
+    assert sum(r["updates_undone"] for r in rows) == spec.rollbacks
 
 
 def test_updates_during_backward_match_plain_pytorch_with_clipping(tmp_path):

@@ -271,6 +271,8 @@ def _train_step(
         "tier_bytes": ledger["bytes"],
         "tier_peak_bytes": ledger["peak_bytes"],
     }
+    if report.in_backward is not None:  # block updates made during backward: kept, undone
+        row["updates_in_backward"], row["updates_undone"] = report.in_backward, report.undone
     if report.skipped:
         row["skipped"] = True
         why = f"gradient norm is {report.grad_norm}" if targets else "no token in its batch carries loss"

@@ -344,6 +344,7 @@ class BlockAdamW:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0) if finite else None
         exact = finite and float(coef) == 1.0  # grads * coef would change no bit
         self._speculate_next = exact
+        undone = 0
         for s in speculated:
             if exact and lr == self._spec_lr and not s.late:
                 s.grad.zero_()
@@ -351,10 +352,12 @@ class BlockAdamW:
                 s.backup = s.norms = None
             else:
                 self._roll_back(s)
+                undone += 1
         self._rollback_used = 0
+        counts = {"in_backward": len(speculated) - undone, "undone": undone}
         if not finite:
             self.zero_grad()  # a non-finite gradient would poison the moments: keep the state as it is
-            return StepReport(grad_norm=norm, skipped=True)
+            return StepReport(grad_norm=norm, skipped=True, **counts)
         if grads := self._grad_views(self.states):  # none left when every block was updated in backward
             torch._foreach_mul_(grads, coef)
         self._lr = lr
@@ -375,7 +378,7 @@ class BlockAdamW:
             self._drop_read(u)
         self._ahead = deque(u for u in needed if u not in self._reads)
         self._poll()
-        return StepReport(grad_norm=norm, skipped=False)
+        return StepReport(grad_norm=norm, skipped=False, **counts)
 
     # -- speculation --------------------------------------------------------------------------------------
 

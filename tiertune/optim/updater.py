@@ -24,6 +24,10 @@ OPTIMIZER_FILE = "optimizer.pt"
 class StepReport:
     grad_norm: float  # global L2 norm of the gradients before clipping
     skipped: bool  # True when the norm was not finite: no parameter or state changed
+    # The block optimizer's updates made during backward in this step: kept, and undone (None: the
+    # updater does not update during backward)
+    in_backward: int | None = None
+    undone: int | None = None
 
 
 def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
