@@ -107,11 +107,17 @@ _STORAGE_TYPES = {
 
 class _Pickler(pickle.Pickler):
     """Pickles :class:`Deferred` as torch.save pickles a contiguous CPU tensor: a call that rebuilds it
-    from a storage, and the storage as a reference to the archive's record ``data/<key>``."""
+    from a storage, and the storage as a reference to the archive's record ``data/<key>``. The
+    placeholders it met are in ``placeholders``, by key."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=2)
+        self.placeholders: dict[int, Deferred] = {}
 
     def reducer_override(self, obj):
         if not isinstance(obj, Deferred):
             return NotImplemented
+        self.placeholders[obj.key] = obj
         stride, step = [], 1
         for n in reversed(obj.shape):
             stride.insert(0, step)
@@ -131,9 +137,9 @@ def write_torch(path: Path, obj: object, tensors: Iterable[torch.Tensor]) -> Non
     which must come in key order with the announced shapes and dtypes; each may be freed as soon as it has
     been handed over. The file is fsynced."""
     data = io.BytesIO()
-    _Pickler(data, protocol=2).dump(obj)
-    placeholders: dict[int, Deferred] = {}
-    _collect(obj, placeholders)
+    pickler = _Pickler(data)
+    pickler.dump(obj)
+    placeholders = pickler.placeholders
     if sorted(placeholders) != list(range(len(placeholders))):
         raise ValueError(f"{path.name}: placeholder keys must be 0..{len(placeholders) - 1}")
     with open(path, "wb") as fh:
@@ -173,14 +179,3 @@ def _write_records(
         count += 1
     if count != len(placeholders):
         raise ValueError(f"{path.name}: {count} tensors for {len(placeholders)} placeholders")
-
-
-def _collect(obj: object, out: dict[int, Deferred]) -> None:
-    if isinstance(obj, Deferred):
-        out[obj.key] = obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _collect(v, out)
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            _collect(v, out)

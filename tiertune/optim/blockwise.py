@@ -103,7 +103,8 @@ class _State:
     # block's speculative update overwrote, its gradients' per-tensor norms, and whether a gradient came
     # after that update (the update then used an incomplete gradient).
     fired: list[bool] = field(default_factory=list)
-    backup: _Backup | None = None
+    # per chunk updated speculatively: [weights | exp_avg | exp_avg_sq] as they were before
+    backup: list[tuple[_Chunk, torch.Tensor]] | None = None
     norms: torch.Tensor | None = None
     late: bool = False
 
@@ -118,14 +119,6 @@ class _OnDevice:
     slot: int
     events: list[torch.cuda.Event] | None  # start and end of each stage: copy in, kernel, copy out
     seconds: float | None
-
-
-@dataclass(eq=False)
-class _Backup:
-    """What a speculative update of one block overwrote, to be put back if the step turns out otherwise."""
-
-    steps: list[int]
-    chunks: list[tuple[_Chunk, torch.Tensor]]  # per chunk: [weights | exp_avg | exp_avg_sq] before it
 
 
 def _pin(t: torch.Tensor) -> None:
@@ -261,7 +254,6 @@ class BlockAdamW:
         self._streams: tuple[torch.cuda.Stream, ...] | None = None
         self._device_kernel = TorchAdamW()  # whatever runs on the CPU, the device runs torch's
         self._launched: deque[_OnDevice] = deque()
-        self._in_flight: set[_State] = set()
         self.device_updates = 0  # block updates planned for the device, over the run
         fits = [s.flat.numel for s in self.states if s.moments is not None]
         fits = [n for n in fits if DEVICE_SLOTS * IN_BYTES_PER_PARAM * n <= device_free_bytes]
@@ -347,8 +339,7 @@ class BlockAdamW:
         undone = 0
         for s in speculated:
             if exact and lr == self._spec_lr and not s.late:
-                s.grad.zero_()
-                s.touched = [False] * len(s.touched)
+                self._spend(s)
                 s.backup = s.norms = None
             else:
                 self._roll_back(s)
@@ -390,7 +381,7 @@ class BlockAdamW:
         self._check()
         self._armed_lr = self._spec_lr = lr
         for s in self.states:
-            s.fired = [False] * len(s.fired or s.touched)
+            s.fired = [False] * len(s.touched)
             s.late = False
 
     def disarm(self) -> None:
@@ -406,12 +397,10 @@ class BlockAdamW:
         if not bool(torch.isfinite(norms).all()):
             self._armed_lr = None  # the step will be skipped: speculate no further
             return
-        s.norms, s.backup = norms, _Backup(list(s.steps), [])
+        s.norms, s.backup = norms, []
         self._speculated.append(s)
         self.speculated_blocks += 1
-        self._apply(s, self._armed_lr, speculative=True)
-        for i, t in enumerate(s.touched):
-            s.steps[i] += t
+        self._apply(s, self._armed_lr, speculative=True)  # its step counts advance when the step keeps it
 
     def _keep(self, s: _State, c: _Chunk, params: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
         """Copy what the update of chunk ``c`` is about to overwrite into the rollback space."""
@@ -421,14 +410,14 @@ class BlockAdamW:
         room[:k].copy_(params[c.start : c.stop])
         room[k : 2 * k].copy_(m)
         room[2 * k :].copy_(v)
-        s.backup.chunks.append((c, room))
+        s.backup.append((c, room))
 
     def _roll_back(self, s: _State) -> None:
-        """Put back what the speculative update of ``s`` overwrote; its gradient and ``touched`` are still
-        those of the step, so it can be redone as an ordinary update."""
+        """Put back what the speculative update of ``s`` overwrote; its gradient, ``touched`` and step
+        counts are still those before it, so it can be redone as an ordinary update."""
         self.rollbacks += 1
         try:  # half undone, a block is neither stepped nor not: like a failed update, nothing may go on
-            if any(c.extent is not None for c, _ in s.backup.chunks):  # a staging slot for the old moments
+            if any(c.extent is not None for c, _ in s.backup):  # a staging slot for the old moments
                 while self._writes:
                     self._reap(wait=True)
                 for u in list(self._reads):
@@ -436,7 +425,7 @@ class BlockAdamW:
             with trace.span("compute", f"roll back {s.flat.flat.block}"), torch.no_grad():
                 params = self._params(s)
                 n = s.flat.numel
-                for c, room in s.backup.chunks:
+                for c, room in s.backup:
                     k = c.stop - c.start
                     params[c.start : c.stop].copy_(room[:k])
                     if c.extent is None:
@@ -448,7 +437,6 @@ class BlockAdamW:
         except BaseException as e:
             self._failed = self._failed or e
             raise
-        s.steps = s.backup.steps
         s.backup = s.norms = None
         s.late = False
 
@@ -457,7 +445,12 @@ class BlockAdamW:
         backward (the last first) when it speculates, else as the forward uses them; a block's own chunks
         in their order either way (an update walks them so)."""
         speculating = self.overlap == "backward" and self._rollback is not None and self._speculate_next
-        states = self.states[::-1] if speculating else self.states
+        return self._ring(backward=speculating)
+
+    def _ring(self, backward: bool) -> list[int]:
+        """The NVMe chunks in update order: blocks as the forward uses them, or as ``backward`` completes
+        them (the last first); a block's own chunks in their order either way."""
+        states = self.states[::-1] if backward else self.states
         return [c.unit for s in states for c in s.chunks if c.extent is not None]
 
     # -- pending updates ----------------------------------------------------------------------------------
@@ -541,13 +534,18 @@ class BlockAdamW:
         self._pump()
 
     def _done(self, s: _State) -> None:
-        """Bookkeeping once a block's update has landed: its gradient spent, its step counts advanced."""
+        """Bookkeeping once a pending block's update has landed."""
+        self._spend(s)
+        s.pending = s.on_device = False
+        self._pending.remove(s)
+
+    @staticmethod
+    def _spend(s: _State) -> None:
+        """A block's update is final: its gradient spent, its step counts advanced."""
         s.grad.zero_()
         for i, t in enumerate(s.touched):
             s.steps[i] += t
         s.touched = [False] * len(s.touched)
-        s.pending = s.on_device = False
-        self._pending.remove(s)
 
     # -- updates on the device (interleaved with the CPU's) ---------------------------------------------
 
@@ -571,7 +569,8 @@ class BlockAdamW:
                 drain or (until is not None and until.pending) or self._landed(self._launched[0])
             ):
                 self._finish_on_device(self._launched.popleft())
-            waiting = [s for s in self._pending if s.on_device and s not in self._in_flight]
+            launched = {job.state for job in self._launched}
+            waiting = [s for s in self._pending if s.on_device and s not in launched]
             while waiting and len(self._launched) < DEVICE_SLOTS:
                 self._launch(waiting.pop(0))
             if not ((drain and self._launched) or (until is not None and until.pending)):
@@ -583,7 +582,6 @@ class BlockAdamW:
             if job.events is not None:
                 job.events[5].synchronize()
         self._launched.clear()
-        self._in_flight.clear()
         for s in self.states:
             s.on_device = False
 
@@ -611,7 +609,6 @@ class BlockAdamW:
                 for dst, src in outs:
                     dst.copy_(src)
                 self._launched.append(_OnDevice(s, params, slot, None, time.perf_counter() - t0))
-                self._in_flight.add(s)
                 return
             events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]  # each stage's start, end
             copy_in, compute, copy_out = self._streams
@@ -632,7 +629,6 @@ class BlockAdamW:
                     dst.copy_(src, non_blocking=True)
                 events[5].record()
         self._launched.append(_OnDevice(s, params, slot, events, None))
-        self._in_flight.add(s)
 
     def _finish_on_device(self, job: _OnDevice) -> None:
         s = job.state
@@ -640,7 +636,6 @@ class BlockAdamW:
             job.events[5].synchronize()
             # What the block adds to a full pipeline: its slowest stage.
             job.seconds = max(job.events[i].elapsed_time(job.events[i + 1]) for i in (0, 2, 4)) / 1e3
-        self._in_flight.discard(s)
         self.interleave.observe(Side.GPU, s.flat.numel, job.seconds)
         self._finish_params(s, job.params)
         self._done(s)
@@ -755,8 +750,7 @@ class BlockAdamW:
     def _distance(self, unit: int, other: int) -> int:
         """How many chunks after ``unit`` the ring reaches ``other``, in the order it now runs (blocks as
         backward completes them while a backward is armed, else as the forward uses them)."""
-        states = self.states[::-1] if self._armed_lr is not None else self.states
-        pos = {c.unit: i for i, c in enumerate(c for s in states for c in s.chunks if c.extent is not None)}
+        pos = {u: i for i, u in enumerate(self._ring(backward=self._armed_lr is not None))}
         return (pos[other] - pos[unit]) % len(self._units)
 
     def _drop_read(self, unit: int) -> None:
