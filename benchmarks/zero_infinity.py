@@ -2,11 +2,13 @@
 
     bash scripts/venv-run python benchmarks/zero_infinity.py [--preset small-llama] [--steps 6] [--repeats 2]
                                                             [--micro-batch 8] [--seq-len 128]
+                                                            [--dtype fp32|bf16]
                                                             [--nvme-dir DIR] [--json PATH]
 
 One seeded job (the preset's weights, initialised parameter by parameter from the seed, the same token
-batches in the same order, fp32, AdamW with the same lr schedule, betas, eps, weight decay and gradient
-clipping) trains on two systems, alternating (deepspeed, tiertune, deepspeed, ...) so that machine noise
+batches in the same order, AdamW with the same lr schedule, betas, eps, weight decay and gradient
+clipping, in fp32, or with ``--dtype bf16`` bf16 weights and gradients with fp32 masters and moments:
+DeepSpeed's ``bf16`` mode, tiertune's ``train.dtype=bf16``) trains on two systems, alternating (deepspeed, tiertune, deepspeed, ...) so that machine noise
 hits both:
 
 - deepspeed: ZeRO-3 with ``offload_param`` and ``offload_optimizer`` on NVMe (ZeRO-Infinity), its CPU Adam
@@ -63,7 +65,7 @@ def job(args: argparse.Namespace, out: Path) -> list[str]:
         f"train.micro_batch_size={args.micro_batch}",
         f"data.seq_len={args.seq_len}",
         f"train.max_steps={args.steps}",
-        "train.dtype=fp32",
+        f"train.dtype={args.dtype}",
         "train.device=cpu",  # where DeepSpeed's CPU accelerator runs it
         f"output_dir={out}",
     ]
@@ -114,7 +116,7 @@ def deepspeed_config(args: argparse.Namespace, cfg: JobConfig, store: Path, larg
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.optim.max_grad_norm,
         "fp16": {"enabled": False},
-        "bf16": {"enabled": False},
+        "bf16": {"enabled": args.dtype == "bf16"},
         "zero_optimization": {
             "stage": 3,
             # DeepSpeed's default: the optimizer step swaps in (and pins buffers for) a sub-group of this
@@ -211,7 +213,9 @@ def run_deepspeed(args: argparse.Namespace, work: Path, store: Path) -> dict:
     # deepspeed.zero.Init (its init skipped), each parameter partitioned straight to NVMe as it is made;
     # then each is seeded as tiertune seeds it, by its name, gathered one at a time.
     registered = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds it by a weak reference)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    )
     std = getattr(model.config, "initializer_range", 0.02)
     for name, p in model.named_parameters():
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
@@ -288,6 +292,7 @@ def spawn(args: argparse.Namespace, system: str, work: Path) -> dict:
         f"--steps={args.steps}",
         f"--micro-batch={args.micro_batch}",
         f"--seq-len={args.seq_len}",
+        f"--dtype={args.dtype}",
     ]
     env = dict(os.environ)
     # Where tiertune's deepspeed I/O backend builds DeepSpeed's ops: built once, reused by every run.
@@ -327,6 +332,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--nvme-dir", default=None)
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -353,7 +359,7 @@ def main() -> None:
     rss = {n: statistics.median(run["peak_rss_bytes"] for run in rs) for n, rs in runs.items()}
     timed = (args.steps - WARMUP) * args.repeats
     print(
-        f"{args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, fp32, weights and optimizer state "
+        f"{args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, {args.dtype}, weights and optimizer state "
         f"on NVMe; {timed} timed steps each ({args.repeats} runs of {args.steps}, {WARMUP} warm-up)"
     )
     print(f"  {'':10} {'median step':>12} {'peak RSS':>10} {'on NVMe':>10}")
@@ -379,6 +385,7 @@ def main() -> None:
                     "preset": args.preset,
                     "micro_batch": args.micro_batch,
                     "seq_len": args.seq_len,
+                    "dtype": args.dtype,
                     "steps": args.steps,
                     "warmup_steps": WARMUP,
                     "median_step_s": step,

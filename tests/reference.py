@@ -14,25 +14,36 @@ import torch.nn.functional as F
 
 from tiertune.config import JobConfig
 from tiertune.launch.data import BatchStream, build_splits
-from tiertune.launch.models import build_model, load_tokenizer
+from tiertune.launch.models import build_model, cast_parameters, load_tokenizer
 
 
 def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train ``cfg`` (full tuning, fp32, CPU) the textbook way; return per-step losses and final weights."""
+    """Train ``cfg`` (full tuning, CPU) the textbook way; return per-step losses and final weights.
+
+    fp32: the for-loop AdamW over the model's weights. bf16 (``train.dtype=bf16``): the usual mixed
+    precision, spelled out: the model in bf16, an fp32 master of each weight that fused AdamW updates,
+    each micro-batch's bf16 gradient added into the master's fp32 gradient, the weights copied from the
+    masters after each step; the logits go to fp32 for the loss. The weights returned are the masters.
+    """
     torch.manual_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model)
     model = build_model(cfg.model, seed=cfg.train.seed)
+    mixed = cfg.train.dtype == "bf16"
+    if mixed:
+        cast_parameters(model, torch.bfloat16)
     rows = build_splits(cfg.data, tok, cfg.train.seed).train
     stream = BatchStream(rows, cfg.train.micro_batch_size, cfg.train.seed)
     o = cfg.optim
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    params = list(model.parameters())
+    masters = [torch.nn.Parameter(p.detach().float()) for p in params] if mixed else params
+    decay = [m for m in masters if m.ndim >= 2]
+    no_decay = [m for m in masters if m.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=o.lr,
         betas=tuple(o.betas),
         eps=o.eps,
-        foreach=False,
+        **({"fused": True} if mixed else {"foreach": False}),
     )
 
     def lr(step: int) -> float:
@@ -50,14 +61,27 @@ def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]
         for b in batches:
             logits = model(input_ids=b["input_ids"]).logits
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100, reduction="sum"
+                logits[:, :-1].float().flatten(0, 1),
+                b["labels"][:, 1:].flatten(),
+                ignore_index=-100,
+                reduction="sum",
             )
             (loss / n_targets).backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+            if mixed:  # the micro-batch's gradients, summed in fp32
+                for p, m in zip(params, masters):
+                    if m.grad is None:
+                        m.grad = torch.zeros_like(m)
+                    m.grad += p.grad.float()
+                    p.grad = None
+        torch.nn.utils.clip_grad_norm_(masters, o.max_grad_norm if o.max_grad_norm > 0 else math.inf)
         for group in opt.param_groups:
             group["lr"] = lr(step)
         opt.step()
         opt.zero_grad()
+        if mixed:
+            with torch.no_grad():
+                for p, m in zip(params, masters):
+                    p.copy_(m)
         losses.append(total / n_targets)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, {n: m.detach().clone() for (n, _), m in zip(model.named_parameters(), masters)}

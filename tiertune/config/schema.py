@@ -113,8 +113,11 @@ class TrainConfig:
         1, "micro-batches per optimizer step; the loss is the token mean over all of them", _positive
     )
     seed: int = opt(0, "seeds model init, data split and order, dropout", _seed_range)
-    dtype: Literal["fp32", "bf16"] = opt(
-        "fp32", "compute dtype; bf16 keeps fp32 master weights and runs matmuls in bf16"
+    dtype: Literal["fp32", "bf16", "bf16-autocast"] = opt(
+        "fp32",
+        "bf16: weights (and the bytes that move them) in bf16, fp32 master weights with the optimizer "
+        "state, gradients summed in fp32; bf16-autocast: fp32 weights, matmuls in bf16 (more memory "
+        "and traffic, closer to fp32)",
     )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available, else cpu")
     trace: bool = opt(
@@ -168,10 +171,12 @@ class OptimConfig:
         _non_negative,
     )
     min_lr_ratio: float = opt(0.1, "final lr as a share of lr", _between(0.0, 1.0))
-    kernel: Literal["auto", "torch", "deepspeed"] = opt(
+    kernel: Literal["auto", "torch", "native", "deepspeed"] = opt(
         "auto",
-        "CPU AdamW kernel for offloaded state: torch (fused; equals torch.optim.AdamW bit for bit), deepspeed "
-        "(its CPU Adam; compiled on first use) or auto: the faster as `tiertune probe` measured them, else torch",
+        "CPU AdamW kernel for offloaded state: torch (fused; equals torch.optim.AdamW bit for bit), native "
+        "(C compiled on first use, equal to torch's bit for bit; writes bf16 weights in the same pass), "
+        "deepspeed (its CPU Adam; compiled on first use) or auto: the fastest as `tiertune probe` measured "
+        "them, else native where a C compiler builds it, else torch",
     )
     interleave: bool = opt(
         True,

@@ -29,7 +29,7 @@ from tiertune.launch.models import WeightSource, materialize, parameter_users, w
 from tiertune.launch.plan import machine_profile, nvme_dirs, nvme_free_bytes, plan_model
 from tiertune.launch.progress import say
 from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
-from tiertune.offload import find_blocks
+from tiertune.offload import find_blocks, planner
 from tiertune.offload.planner import OPTIMIZER_SLOTS, Plan
 from tiertune.offload.store import NvmeStore
 from tiertune.offload.streaming import BlockStreamer, Flat
@@ -45,6 +45,8 @@ TRAINABLE_FILE = "trainable.safetensors"
 
 class Updater(Protocol):
     def step(self, lr: float) -> StepReport: ...
+    def trainable(self) -> list[torch.Tensor]: ...  # what it updates: the weights, or their fp32 masters
+    def weights_loaded(self) -> None: ...
     def zero_grad(self) -> None: ...
     def state_bytes(self) -> int: ...
     def save(self, directory: Path) -> None: ...
@@ -76,7 +78,8 @@ class TrainEngine:
         ledger: Ledger | None = None,
     ) -> None:
         self.model, self.updater, self.device = model, updater, device
-        self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        # bf16: the model's weights are bf16 (its masters are the updater's); bf16-autocast: fp32 weights
+        self.autocast_dtype = torch.bfloat16 if dtype == "bf16-autocast" else None
         self.ledger = ledger or Ledger()
         self._account()
 
@@ -128,11 +131,13 @@ class TrainEngine:
         self.model.eval()
         return float(self._loss_sum(batch))
 
-    def trainable(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """What the optimizer updates, by parameter name: the trainable weights, or their fp32 masters."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        return dict(zip(names, self.updater.trainable()))
 
     def save(self, directory: Path) -> None:
-        """Write the trainable weights and the optimizer state into ``directory``."""
+        """Write the trainable weights (their fp32 masters, if any) and the optimizer state into ``directory``."""
         tensors = {n: p.detach().to("cpu").contiguous() for n, p in self.trainable().items()}
         save_file(tensors, str(directory / TRAINABLE_FILE))
         self.updater.save(directory)
@@ -149,6 +154,7 @@ class TrainEngine:
                         f"{tuple(tensors[name].shape)}, the model {tuple(p.shape)}"
                     )
                 p.copy_(tensors[name])
+        self.updater.weights_loaded()
         self.updater.load(directory)
 
     def export(self, method: TuningMethod, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
@@ -210,29 +216,34 @@ class StreamingEngine(TrainEngine):
     def settle(self) -> None:
         self.updater.flush()
 
-    def _weights(self, flats: list[Flat]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each parameter of ``flats`` as (name, tensor), read from its home one flat at a time."""
+    def _weights(self, flats: list[Flat], masters: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each parameter of ``flats`` as (name, tensor), read from its home one flat at a time (with
+        ``masters``, a 16-bit trainable weight's fp32 master instead)."""
         self.updater.flush()
         self.streamer.drain()
         for f in flats:
-            data = self.streamer.resident(f)
+            data = self.updater.master(f) if masters and f.trainable else None
+            data = self.streamer.resident(f) if data is None else data
             for name, offset, shape in zip(f.flat.names, f.flat.offsets, f.shapes):
                 yield name, data[offset : offset + shape.numel()].view(shape)
 
-    def _write_weights(self, path: Path, flats: list[Flat]) -> None:
-        entries = [(n, f.dtype, tuple(s)) for f in flats for n, s in zip(f.flat.names, f.shapes)]
-        write_safetensors(path, entries, self._weights(flats), metadata={"format": "pt"})
+    def _write_weights(self, path: Path, flats: list[Flat], masters: bool = False) -> None:
+        def dtype(f: Flat) -> torch.dtype:
+            return torch.float32 if masters and f.trainable else f.dtype
 
-    def trainable_tensors(self) -> dict[str, torch.Tensor]:
-        """Every trainable weight as a CPU tensor (a copy)."""
-        return {
-            n: t.to("cpu", copy=True)
-            for n, t in self._weights([f for f in self.streamer.flats if f.trainable])
-        }
+        entries = [(n, dtype(f), tuple(s)) for f in flats for n, s in zip(f.flat.names, f.shapes)]
+        write_safetensors(path, entries, self._weights(flats, masters), metadata={"format": "pt"})
+
+    def trainable_tensors(self, masters: bool = False) -> dict[str, torch.Tensor]:
+        """Every trainable weight (``masters``: its fp32 master, if it has one) as a CPU tensor (a copy)."""
+        trainable = [f for f in self.streamer.flats if f.trainable]
+        return {n: t.to("cpu", copy=True) for n, t in self._weights(trainable, masters)}
 
     def save(self, directory: Path) -> None:
-        """The trainable weights and the optimizer state, streamed from their homes block by block."""
-        self._write_weights(directory / TRAINABLE_FILE, [f for f in self.streamer.flats if f.trainable])
+        """The trainable weights (their fp32 masters, if any) and the optimizer state, streamed from their
+        homes block by block."""
+        trainable = [f for f in self.streamer.flats if f.trainable]
+        self._write_weights(directory / TRAINABLE_FILE, trainable, masters=True)
         self.updater.save(directory)
         if self.store is not None:
             self.store.sync()
@@ -240,6 +251,14 @@ class StreamingEngine(TrainEngine):
     def load(self, directory: Path) -> None:
         self.updater.discard()  # the checkpoint replaces whatever a pending update would have made
         names = {n for f in self.streamer.flats if f.trainable for n in f.flat.names}
+
+        def saved(f: Flat, fh) -> torch.Tensor:  # noqa: ANN001 (safetensors' handle)
+            """The flat's weights as the checkpoint holds them (fp32 masters of 16-bit weights)."""
+            out = torch.empty(f.numel, dtype=torch.float32)
+            for name, offset, shape in zip(f.flat.names, f.flat.offsets, f.shapes):
+                out[offset : offset + shape.numel()].copy_(fh.get_tensor(name).reshape(-1))
+            return out
+
         with safe_open(str(directory / TRAINABLE_FILE), framework="pt") as fh:
             _check_names(directory, set(fh.keys()), names)
             for f in self.streamer.flats:
@@ -252,10 +271,10 @@ class StreamingEngine(TrainEngine):
                         raise CheckpointError(
                             f"checkpoint {directory}: {name} has shape {tuple(t.shape)}, the model {tuple(shape)}"
                         )
-                    data[offset : offset + shape.numel()].copy_(t.reshape(-1))
+                    data[offset : offset + shape.numel()].copy_(t.reshape(-1))  # rounded, if 16-bit
                 self.streamer.writeback(f)
-        self.streamer.drain()
-        self.updater.load(directory)
+            self.streamer.drain()
+            self.updater.load(directory, masters=lambda f: saved(f, fh))
 
     def export(self, method: TuningMethod, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
         """A full model is written block by block from its homes (never whole in memory): an HF model
@@ -406,6 +425,7 @@ def _streaming_engine(
             next(iter(grads)),
             store=store,
             ledger=ledger,
+            chunk_bytes=planner.OPTIMIZER_CHUNK_BYTES,
             slots=plan.buffers.get("optimizer", (0, OPTIMIZER_SLOTS))[1],  # as many as the plan counted
             order=[n for n, p in model.named_parameters() if p.requires_grad],
             overlap=cfg.optim.overlap,
@@ -461,9 +481,7 @@ def _kernel(cfg: JobConfig) -> AdamWKernel:
     except ConfigError as e:
         if cfg.optim.kernel != "auto":
             raise
-        say(
-            f"note: the machine profile favours DeepSpeed's CPU Adam, which cannot run here ({e.problems[0]}); using torch's"
-        )
+        say(f"note: the {name} AdamW kernel cannot run here ({e.problems[0]}); using torch's")
         return make_kernel("torch")
 
 

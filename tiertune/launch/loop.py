@@ -25,7 +25,9 @@ from tiertune.launch.data import BatchStream, Splits, build_splits, count_target
 from tiertune.launch.engine import TrainEngine, build_engine
 from tiertune.launch.evaluate import exact_match
 from tiertune.launch.models import (
+    WEIGHT_DTYPES,
     build_model,
+    cast_parameters,
     check_vocab,
     count_parameters,
     describe,
@@ -121,7 +123,7 @@ def _run(
     tokenizer = load_tokenizer(cfg.model)
     check_vocab(model, tokenizer)
     method = get_method(cfg.tuning.method)
-    model = method.apply(model, cfg.tuning)
+    model = cast_parameters(method.apply(model, cfg.tuning), WEIGHT_DTYPES[cfg.train.dtype])
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     budgets = resolve_budgets(cfg.memory, device)

@@ -147,9 +147,9 @@ def init_parameter(name: str, tensor: torch.Tensor, seed: int, std: float) -> No
     """Initialise one parameter from ``(seed, name)`` alone, so a block built by itself gets exactly the
     values it has in the whole model: matrices (linear and embedding weights) from N(0, std), biases 0,
     norm scales 1, as the HF families do."""
-    if tensor.ndim >= 2:
+    if tensor.ndim >= 2:  # drawn in fp32 whatever the dtype: a bf16 weight is its fp32 draw, rounded
         gen = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
-        values = torch.empty(tensor.shape, dtype=tensor.dtype).normal_(0.0, std, generator=gen)
+        values = torch.empty(tensor.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
         tensor.copy_(values)
     elif name.endswith("bias"):
         tensor.zero_()
@@ -200,6 +200,23 @@ def materialize(
             m._parameters[a] = new
         made[name] = new
     return made
+
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-autocast": torch.float32}
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give every floating-point parameter ``dtype`` (on the meta device too: no memory); tied parameters
+    stay tied. Buffers keep theirs (rotary frequencies stay fp32, as the HF families compute them)."""
+    cast: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is None or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            if id(p) not in cast:
+                cast[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+            module._parameters[attr] = cast[id(p)]
+    return model
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -10,7 +10,7 @@ from torch import nn
 
 from tiertune.config import JobConfig
 from tiertune.errors import ConfigError
-from tiertune.launch.models import build_model, hf_config
+from tiertune.launch.models import WEIGHT_DTYPES, build_model, cast_parameters, hf_config
 from tiertune.launch.rundir import RUNS_ROOT
 from tiertune.memory import Budgets, Kind, Tier, format_bytes, resolve_budgets
 from tiertune.memory.profile import DEFAULT_PROFILE, MachineProfile
@@ -49,6 +49,7 @@ def plan_job(cfg: JobConfig) -> Plan:
     model = get_method(cfg.tuning.method).apply(
         build_model(cfg.model, seed=cfg.train.seed, device="meta"), cfg.tuning
     )
+    cast_parameters(model, WEIGHT_DTYPES[cfg.train.dtype])
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     return plan_model(cfg, model, resolve_budgets(cfg.memory, device), nvme_free_bytes(nvme_dirs(cfg)))
 
@@ -69,10 +70,10 @@ def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: i
     hidden = getattr(hf, "hidden_size", None) or hf.n_embd
     layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
     ffn = getattr(hf, "intermediate_size", None) or 4 * hidden
-    # Weights are kept, moved and updated in their own dtype (fp32: bf16 runs under autocast with the
-    # fp32 weights as masters); activations are saved in the compute dtype.
+    # Weights are kept and moved in their own dtype (bf16 weights have fp32 masters with the optimizer
+    # state; bf16-autocast keeps fp32 weights); activations are saved in the compute dtype.
     weight_bytes = next(model.parameters()).element_size()
-    compute_bytes = 2 if cfg.train.dtype == "bf16" else 4
+    compute_bytes = 4 if cfg.train.dtype == "fp32" else 2
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     profile = machine_profile(cfg)
     forced = {

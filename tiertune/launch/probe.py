@@ -132,7 +132,8 @@ def device_tflops(device: torch.device, repeats: int, n: int = 2048) -> float:
 
 def adam_kernel_rates(numel: int, repeats: int, progress: Callable[[str], None]) -> dict[str, float]:
     """Parameters per second through each CPU AdamW kernel that can run here (one step = read and write
-    weights, grads, moments); a kernel that cannot (DeepSpeed absent or not compiling) is left out."""
+    weights, grads, moments); a kernel that cannot (DeepSpeed absent or not compiling, no C compiler for
+    the native one, or a native build that does not equal torch's kernel) is left out."""
     rates = {}
     for name in KERNELS:
         try:
@@ -155,7 +156,7 @@ def probe(
 ) -> MachineProfile:
     progress("DRAM copy")
     dram = dram_copy_gbps(nbytes, repeats)
-    progress("CPU AdamW kernels (DeepSpeed's compiles on first use: a minute or two, once)")
+    progress("CPU AdamW kernels (built on first use: DeepSpeed's in a minute or two, native's in seconds)")
     kernels = adam_kernel_rates(adamw_numel, repeats, progress)
     progress("matmul throughput")
     tflops = device_tflops(torch.device("cuda" if torch.cuda.is_available() else "cpu"), repeats)
@@ -173,7 +174,8 @@ def probe(
         cpus=os.cpu_count() or 1,
         host_total_bytes=psutil.virtual_memory().total,
         dram_copy_gbps=dram,
-        cpu_adamw_params_per_s=kernels[choose("auto", kernels)],  # the kernel optim.kernel=auto takes
+        # the kernel optim.kernel=auto takes
+        cpu_adamw_params_per_s=kernels[choose("auto", kernels, native_builds=lambda: "native" in kernels)],
         device_tflops=tflops,
         nvme=nvme,
         cuda=cuda,

@@ -32,6 +32,12 @@ An update is one call of the CPU AdamW kernel (:mod:`tiertune.optim.kernels`: to
 same per-element arithmetic as ``torch.optim.AdamW(fused=True)``, or DeepSpeed's CPU Adam) on views of the
 flat buffers; the new weights go home (the streamer writes NVMe-homed weights back).
 
+Weights in a 16-bit dtype (``train.dtype=bf16``) have fp32 masters, kept with the moments as a third part
+of the optimizer state (``[exp_avg | exp_avg_sq | master]``, in memory or in each NVMe chunk): the update
+runs on the masters, and the kernel writes the 16-bit weights from them in the same pass, so the weights
+are always their masters rounded. Only the 16-bit weights stream through the window (half the bytes of
+fp32), and checkpoints hold the masters.
+
 Optimizer state on NVMe moves in chunks through a few staging slots, as a ring: chunks are read ahead in
 the order the next updates will want them (the blocks' order, or its reverse when backward will update
 them) as soon as a slot is free, a chunk is updated in its slot, then written back while the compute
@@ -96,7 +102,10 @@ class _State:
     steps: list[int]  # per parameter: updates applied (torch keeps one step count per parameter)
     decay: list[bool]
     chunks: list[_Chunk] = field(default_factory=list)
-    moments: torch.Tensor | None = None  # [exp_avg | exp_avg_sq], fp32, when the home is memory
+    # [exp_avg | exp_avg_sq], and for 16-bit weights their fp32 masters: [exp_avg | exp_avg_sq | master]
+    # (each part the flat's size), when the home is memory; each NVMe chunk holds its range so.
+    moments: torch.Tensor | None = None
+    parts: int = 2
     pending: bool = False  # stepped, not yet updated: its gradient holds the clipped step gradient
     on_device: bool = False  # pending, and planned to be updated on the device (see BlockAdamW._launch)
     # Speculation (see BlockAdamW.arm): which parameters' gradients arrived in the armed backward, what the
@@ -119,6 +128,15 @@ class _OnDevice:
     slot: int
     events: list[torch.cuda.Event] | None  # start and end of each stage: copy in, kernel, copy out
     seconds: float | None
+
+
+def _parts(state: torch.Tensor, parts: int, k: int | None = None) -> list[torch.Tensor]:
+    """``[exp_avg | exp_avg_sq (| master)]`` of ``k`` elements each (default: a third or half of
+    ``state``) as fp32 views; ``state`` may be a raw staging slot (uint8)."""
+    if state.dtype != torch.float32:
+        state = state.view(torch.float32)
+    k = state.numel() // parts if k is None else k
+    return [state[i * k : (i + 1) * k] for i in range(parts)]
 
 
 def _pin(t: torch.Tensor) -> None:
@@ -170,7 +188,6 @@ class BlockAdamW:
         self.device = streamer.device
         self.states: list[_State] = []
         self._hooks = []
-        chunk_elems = max(ALIGN // 4, (chunk_bytes // 8) // (ALIGN // 4) * (ALIGN // 4))
         for f in streamer.flats:
             if not f.trainable:
                 continue
@@ -184,19 +201,22 @@ class BlockAdamW:
                 [False] * len(f.params),
                 [0] * len(f.params),
                 [p.ndim >= 2 for p in f.params],
+                parts=2 if f.dtype == torch.float32 else 3,  # 16-bit weights: an fp32 master too
             )
             if home is Tier.NVME:
                 if store is None:
                     raise ValueError("optimizer state on NVMe needs a store")
-                for start in range(0, f.numel, chunk_elems):
-                    stop = min(f.numel, start + chunk_elems)
-                    ext = store.allocate(f"{f.flat.block}#{f.index}.adam[{start}]", 8 * (stop - start))
+                step = max(ALIGN // 4, (chunk_bytes // (4 * s.parts)) // (ALIGN // 4) * (ALIGN // 4))
+                for start in range(0, f.numel, step):
+                    stop = min(f.numel, start + step)
+                    size = 4 * s.parts * (stop - start)
+                    ext = store.allocate(f"{f.flat.block}#{f.index}.adam[{start}]", size)
                     s.chunks.append(_Chunk(start, stop, ext))
             else:
-                s.moments = flat_buffer(2 * f.numel, torch.float32, _HOST)[0]
+                s.moments = flat_buffer(s.parts * f.numel, torch.float32, _HOST)[0]
                 s.moments.zero_()
                 s.chunks.append(_Chunk(0, f.numel))
-                self.ledger.add(home, Kind.OPTIMIZER, align_up(8 * f.numel))
+                self.ledger.add(home, Kind.OPTIMIZER, align_up(4 * s.parts * f.numel))
             self.states.append(s)
             for i, p in enumerate(f.params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(s, i)))
@@ -274,12 +294,15 @@ class BlockAdamW:
         self._failed: BaseException | None = None
         self.staging: BufferPool | None = None
         if self._units:
-            slot = align_up(8 * max(c.stop - c.start for _, c in self._units))
+            slot = align_up(max(4 * s.parts * (c.stop - c.start) for s, c in self._units))
             tier = Tier.DEVICE if self.device.type == "cpu" else Tier.HOST
             self.staging = BufferPool({slot: self._slots}, tier=tier, ledger=ledger)
             self._ahead.extend(range(len(self._units)))  # the first step's state: zeros, no read needed
         streamer.before_use = self.ensure
         self.zero_grad()
+        for s in self.states:  # the masters start as the weights are
+            if s.parts == 3:
+                self._put_state(s, None, self._weights_of(s))
 
     def _grad_hook(self, s: _State, i: int):
         offset, numel = s.flat.flat.offsets[i], s.flat.params[i].numel()
@@ -402,12 +425,13 @@ class BlockAdamW:
         self.speculated_blocks += 1
         self._apply(s, self._armed_lr, speculative=True)  # its step counts advance when the step keeps it
 
-    def _keep(self, s: _State, c: _Chunk, params: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
-        """Copy what the update of chunk ``c`` is about to overwrite into the rollback space."""
+    def _keep(self, s: _State, c: _Chunk, weights: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy what the update of chunk ``c`` is about to overwrite into the rollback space: its fp32
+        weights (the masters, for 16-bit weights: those are their masters rounded) and moments."""
         k = c.stop - c.start
         room = self._rollback[self._rollback_used : self._rollback_used + 3 * k]
         self._rollback_used += 3 * k
-        room[:k].copy_(params[c.start : c.stop])
+        room[:k].copy_(weights)
         room[k : 2 * k].copy_(m)
         room[2 * k :].copy_(v)
         s.backup.append((c, room))
@@ -424,15 +448,15 @@ class BlockAdamW:
                     self._drop_read(u)
             with trace.span("compute", f"roll back {s.flat.flat.block}"), torch.no_grad():
                 params = self._params(s)
-                n = s.flat.numel
                 for c, room in s.backup:
                     k = c.stop - c.start
-                    params[c.start : c.stop].copy_(room[:k])
+                    params[c.start : c.stop].copy_(room[:k])  # 16-bit weights: the master, rounded
+                    old = (room[k : 2 * k], room[2 * k :], room[:k])[: s.parts]
                     if c.extent is None:
-                        s.moments[:n].copy_(room[k : 2 * k])
-                        s.moments[n:].copy_(room[2 * k :])
+                        for part, value in zip(_parts(s.moments, s.parts), old):
+                            part.copy_(value)
                         continue
-                    self._write_chunk(c, room[k : 2 * k], room[2 * k :])
+                    self._write_chunk(c, *old)
                 self._finish_params(s, params)
         except BaseException as e:
             self._failed = self._failed or e
@@ -598,8 +622,12 @@ class BlockAdamW:
         room = self._scratch[slot, : 4 * n]
         p, g, m, v = room[:n], room[n : 2 * n], room[2 * n : 3 * n], room[3 * n :]
         params = self._params(s)
-        ins = ((p, params), (g, s.grad), (m, s.moments[:n]), (v, s.moments[n:]))
-        outs = ((params, p), (s.moments[:n], m), (s.moments[n:], v))
+        state = _parts(s.moments, s.parts)  # exp_avg, exp_avg_sq[, master]
+        weights = state[2] if s.parts == 3 else params  # what the update runs on: fp32
+        ins = ((p, weights), (g, s.grad), (m, state[0]), (v, state[1]))
+        outs = ((state[0], m), (state[1], v), (weights, p))
+        if s.parts == 3:  # and the 16-bit weights: the masters rounded on the device, once updated
+            outs += ((params, lambda: p.to(params.dtype)),)
         t0 = time.perf_counter()
         with trace.span("compute", f"update on device {s.flat.flat.block}"), torch.no_grad():
             if self._streams is None:  # the CPU standing in for the device: each stage at once
@@ -607,7 +635,7 @@ class BlockAdamW:
                     dst.copy_(src)
                 self._adamw(s, _Chunk(0, n), p, m, v, self._lr, grad=g, kernel=self._device_kernel)
                 for dst, src in outs:
-                    dst.copy_(src)
+                    dst.copy_(src() if callable(src) else src)
                 self._launched.append(_OnDevice(s, params, slot, None, time.perf_counter() - t0))
                 return
             events = [torch.cuda.Event(enable_timing=True) for _ in range(6)]  # each stage's start, end
@@ -626,7 +654,7 @@ class BlockAdamW:
             with torch.cuda.stream(copy_out):
                 events[4].record()
                 for dst, src in outs:
-                    dst.copy_(src, non_blocking=True)
+                    dst.copy_(src() if callable(src) else src, non_blocking=True)
                 events[5].record()
         self._launched.append(_OnDevice(s, params, slot, events, None))
 
@@ -648,18 +676,14 @@ class BlockAdamW:
             with trace.span("compute", f"{what} {s.flat.flat.block}"), torch.no_grad(), no_autocast:
                 params = self._params(s)
                 for c in s.chunks:
-                    if c.extent is None:
-                        n = s.flat.numel
-                        if speculative:
-                            self._keep(s, c, params, s.moments[:n], s.moments[n:])
-                        self._adamw(s, c, params, s.moments[:n], s.moments[n:], lr)
-                        continue
-                    buf = self._take(c.unit)
-                    n = c.stop - c.start
-                    m = buf.slot[: 8 * n].view(torch.float32)
+                    buf = self._take(c.unit) if c.extent is not None else None
+                    m, v, *master = _parts(s.moments if buf is None else buf.slot, s.parts, c.stop - c.start)
+                    master = master[0] if master else None
                     if speculative:
-                        self._keep(s, c, params, m[:n], m[n:])
-                    self._adamw(s, c, params, m[:n], m[n:], lr)
+                        self._keep(s, c, params[c.start : c.stop] if master is None else master, m, v)
+                    self._adamw(s, c, params, m, v, lr, master=master)
+                    if buf is None:
+                        continue
                     io = self.store.write(c.extent, buf.slot)
                     self._held = None
                     self._writes.append((c.unit, io, buf))
@@ -695,8 +719,8 @@ class BlockAdamW:
         return len(self._reads) + len(self._writes) + (self._held is not None)
 
     def _start_read(self, unit: int) -> None:
-        c = self._units[unit][1]
-        buf = self.staging.acquire(8 * (c.stop - c.start))
+        s, c = self._units[unit]
+        buf = self.staging.acquire(4 * s.parts * (c.stop - c.start))
         if c.extent.checksums is None:  # never written: the moments start at zero
             buf.slot.zero_()
             self._reads[unit] = (buf, None)
@@ -790,27 +814,42 @@ class BlockAdamW:
         lr: float,
         grad: torch.Tensor | None = None,
         kernel: AdamWKernel | None = None,
+        master: torch.Tensor | None = None,
     ) -> None:
         """AdamW on the parts of the touched parameters inside the chunk, decayed and not (``grad``: the
         flat's gradient where the update runs, by default its home buffer; ``kernel``: by default the
-        CPU's)."""
+        CPU's). ``m``, ``v`` and ``master`` hold the chunk's range; with ``master`` (16-bit weights) the
+        update runs on the fp32 masters, and the kernel writes ``params`` from them in the same pass."""
         grad = s.grad if grad is None else grad
         kernel = kernel or self.kernel
         b1, b2 = self.cfg.betas
         for decay in (True, False):
-            ps, gs, ms, vs, steps = [], [], [], [], []
+            ps, gs, ms, vs, steps, outs = [], [], [], [], [], []
             for i, (offset, p) in enumerate(zip(s.flat.flat.offsets, s.flat.params)):
                 lo, hi = max(offset, c.start), min(offset + p.numel(), c.stop)
                 if lo >= hi or not s.touched[i] or s.decay[i] != decay:
                     continue
-                ps.append(params[lo:hi])
+                local = slice(lo - c.start, hi - c.start)
+                ps.append(params[lo:hi] if master is None else master[local])
+                outs.append(params[lo:hi])
                 gs.append(grad[lo:hi])
-                ms.append(m[lo - c.start : hi - c.start])
-                vs.append(v[lo - c.start : hi - c.start])
+                ms.append(m[local])
+                vs.append(v[local])
                 steps.append(s.steps[i])
             if ps:
                 wd = self.cfg.weight_decay if decay else 0.0
-                kernel(ps, gs, ms, vs, steps, lr=lr, betas=(b1, b2), eps=self.cfg.eps, weight_decay=wd)
+                kernel(
+                    ps,
+                    gs,
+                    ms,
+                    vs,
+                    steps,
+                    lr=lr,
+                    betas=(b1, b2),
+                    eps=self.cfg.eps,
+                    weight_decay=wd,
+                    out=None if master is None else outs,
+                )
 
     def zero_grad(self) -> None:
         """Drop the gradients gathered since the last step (a pending block's are its update's: kept)."""
@@ -826,26 +865,38 @@ class BlockAdamW:
 
     # -- checkpoints --------------------------------------------------------------------------------
 
-    def _moments_of(self, s: _State) -> torch.Tensor:
+    def _state_of(self, s: _State) -> torch.Tensor:
+        """The block's whole state, ``[exp_avg | exp_avg_sq (| master)]`` (read from the drive into a new
+        tensor when it lives there)."""
         if s.moments is not None:
             return s.moments
-        out = torch.empty(2 * s.flat.numel, dtype=torch.float32)
-        n = s.flat.numel
+        out = torch.empty(s.parts * s.flat.numel, dtype=torch.float32)
+        whole = _parts(out, s.parts)
         for c in s.chunks:
             k = c.stop - c.start
-            if c.extent.checksums is None:
-                out[c.start : c.stop].zero_()
-                out[n + c.start : n + c.stop].zero_()
+            if c.extent.checksums is None:  # never written: zeros (moments only: masters are written first)
+                for part in whole:
+                    part[c.start : c.stop].zero_()
                 continue
-            buf = self.staging.acquire(8 * k)
+            buf = self.staging.acquire(4 * s.parts * k)
             try:
                 self.store.read(c.extent, buf.slot).wait()
-                m = buf.slot[: 8 * k].view(torch.float32)
-                out[c.start : c.stop] = m[:k]
-                out[n + c.start : n + c.stop] = m[k:]
+                for part, chunk in zip(whole, _parts(buf.slot, s.parts, k)):
+                    part[c.start : c.stop] = chunk
             finally:
                 self.staging.release(buf)
         return out
+
+    def master(self, f: Flat) -> torch.Tensor | None:
+        """The fp32 masters of a trainable flat of 16-bit weights (a tensor of its own when they live on the
+        drive), or None for fp32 weights (they are their own masters)."""
+        s = next(s for s in self.states if s.flat is f)
+        return _parts(self._state_of(s), s.parts)[2] if s.parts == 3 else None
+
+    def _weights_of(self, s: _State) -> torch.Tensor:
+        """The flat's weights, as fp32, read from wherever they live (the masters' first values)."""
+        self.streamer.drain()
+        return self.streamer.resident(s.flat).to("cpu", torch.float32)
 
     def save(self, directory: Path) -> None:
         """``optimizer.pt`` in ``torch.optim.AdamW``'s state_dict layout (the resident updater writes the
@@ -876,7 +927,7 @@ class BlockAdamW:
         for s in self.states:
             if not any(s.steps):
                 continue
-            moments, n = self._moments_of(s), s.flat.numel
+            moments, n = self._state_of(s), s.flat.numel
             for i, (offset, shape) in enumerate(zip(s.flat.flat.offsets, s.flat.shapes)):
                 if s.steps[i]:
                     k = shape.numel()
@@ -884,9 +935,10 @@ class BlockAdamW:
                     yield moments[n + offset : n + offset + k].view(shape)
                     yield torch.tensor(float(s.steps[i]))
 
-    def load(self, directory: Path) -> None:
+    def load(self, directory: Path, masters: Callable[[Flat], torch.Tensor] | None = None) -> None:
         """Read ``optimizer.pt`` (written by either updater, so a run may resume with another placement),
-        one block at a time into the state's homes."""
+        one block at a time into the state's homes; ``masters`` gives a flat of 16-bit weights its fp32
+        masters (from the checkpoint's weights; by default the weights as they are now)."""
         self.flush()
         path = directory / OPTIMIZER_FILE
         if path.is_file():
@@ -898,6 +950,9 @@ class BlockAdamW:
         for s in self.states:
             n = s.flat.numel
             moments = torch.zeros(2 * n, dtype=torch.float32)
+            master = None
+            if s.parts == 3:
+                master = masters(s.flat) if masters is not None else self._weights_of(s)
             for i, (name, offset, shape) in enumerate(
                 zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.shapes)
             ):
@@ -914,7 +969,7 @@ class BlockAdamW:
                 moments[offset : offset + shape.numel()] = m.reshape(-1)
                 moments[n + offset : n + offset + shape.numel()] = v.reshape(-1)
                 s.steps[i] = step
-            self._put_moments(s, moments)
+            self._put_state(s, moments, master)
 
     def _torch_state(
         self, directory: Path, path: Path
@@ -967,22 +1022,26 @@ class BlockAdamW:
 
         return entry
 
-    def _put_moments(self, s: _State, moments: torch.Tensor) -> None:
+    def _put_state(self, s: _State, moments: torch.Tensor | None, master: torch.Tensor | None) -> None:
+        """Set the block's moments (``[exp_avg | exp_avg_sq]``; None: zeros) and, for 16-bit weights, its
+        fp32 masters, in the state's home."""
         n = s.flat.numel
+        moments = torch.zeros(2 * n) if moments is None else moments
+        parts = [moments[:n], moments[n:], master][: s.parts]
         if s.moments is not None:
-            s.moments.copy_(moments)
+            for home, value in zip(_parts(s.moments, s.parts), parts):
+                home.copy_(value)
             return
         for c in s.chunks:
-            self._write_chunk(c, moments[c.start : c.stop], moments[n + c.start : n + c.stop])
+            self._write_chunk(c, *(p[c.start : c.stop] for p in parts))
 
-    def _write_chunk(self, c: _Chunk, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-        """Write one chunk's moments to the drive and wait for them."""
+    def _write_chunk(self, c: _Chunk, *parts: torch.Tensor) -> None:
+        """Write one chunk's state (exp_avg, exp_avg_sq[, master]) to the drive and wait for it."""
         k = c.stop - c.start
-        buf = self.staging.acquire(8 * k)
+        buf = self.staging.acquire(4 * len(parts) * k)
         try:
-            m = buf.slot[: 8 * k].view(torch.float32)
-            m[:k] = exp_avg
-            m[k:] = exp_avg_sq
+            for slot, value in zip(_parts(buf.slot, len(parts), k), parts):
+                slot.copy_(value)
             self.store.write(c.extent, buf.slot).wait()
         finally:
             self.staging.release(buf)

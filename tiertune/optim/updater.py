@@ -1,7 +1,9 @@
 """The optimizer step as the training loop sees it: clip, check, update, report.
 
 :class:`TorchAdamWUpdater` holds every trainable parameter and its state where the model lives and
-uses ``torch.optim.AdamW`` (fused where the device supports it). The tiered updaters that keep state
+uses ``torch.optim.AdamW`` (fused where the device supports it). Parameters in a 16-bit dtype get fp32
+masters: the optimizer updates the masters, each micro-batch's gradient is added into an fp32 gradient
+of its master as soon as autograd completes it, and the weights are the masters rounded after each step. The tiered updaters that keep state
 on host or NVMe and overlap the update with backward implement the same small interface.
 """
 
@@ -30,6 +32,18 @@ class StepReport:
     undone: int | None = None
 
 
+def _accumulate_into(master: nn.Parameter):
+    """A post-accumulate hook moving a 16-bit parameter's gradient into its fp32 master's, summed in fp32."""
+
+    def hook(p: nn.Parameter) -> None:
+        if master.grad is None:
+            master.grad = torch.zeros_like(master)
+        master.grad.add_(p.grad.to(torch.float32))
+        p.grad = None
+
+    return hook
+
+
 def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """Decay matrices only: biases and norm scales (1-D) are not decayed."""
     decay = [p for _, p in named if p.ndim >= 2]
@@ -43,11 +57,21 @@ class TorchAdamWUpdater:
         if not named_params:
             raise ValueError("no trainable parameters: the tuning method left nothing to train")
         self.cfg = cfg
-        self.params = [p for _, p in named_params]
+        self.weights = [p for _, p in named_params]
+        self._hooks = []
+        if all(p.dtype == torch.float32 for p in self.weights):
+            self.masters: list[nn.Parameter] | None = None
+            self.params = self.weights
+        else:
+            self.masters = [nn.Parameter(p.detach().float()) for p in self.weights]
+            self.params = self.masters
+            for p, master in zip(self.weights, self.masters):
+                self._hooks.append(p.register_post_accumulate_grad_hook(_accumulate_into(master)))
+        named = [(n, p) for (n, _), p in zip(named_params, self.params)]
         device = self.params[0].device
         # fused AdamW is one kernel per dtype group; torch has it on CPU and CUDA for float params.
         fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in self.params)
-        groups = param_groups(named_params, cfg.weight_decay)
+        groups = param_groups(named, cfg.weight_decay)
         self._group_decay = [g["weight_decay"] for g in groups]
         self.optimizer = torch.optim.AdamW(
             groups,
@@ -69,14 +93,31 @@ class TorchAdamWUpdater:
             group["lr"] = lr
         self.optimizer.step()
         self.zero_grad()
+        self._round()
         return StepReport(grad_norm=norm, skipped=False)
+
+    def _round(self) -> None:
+        """The weights from their masters (round to nearest even)."""
+        if self.masters is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(self.weights, self.masters)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        for p in self.weights:
+            p.grad = None
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (moments, step counts) held now."""
         return sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+
+    def trainable(self) -> list[torch.Tensor]:
+        """The weights the optimizer updates, in the order it was given them (the masters, if any)."""
+        return self.params
+
+    def weights_loaded(self) -> None:
+        """:meth:`trainable` was just overwritten (a checkpoint): bring the weights in line."""
+        self._round()
 
     def save(self, directory: Path) -> None:
         torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
