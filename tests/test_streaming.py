@@ -11,7 +11,7 @@ from conftest import fast_config
 
 from tiertune.launch.engine import StreamingEngine, build_engine
 from tiertune.launch.loop import run
-from tiertune.launch.models import build_model, skeleton
+from tiertune.launch.models import WEIGHT_DTYPES, build_model, cast_parameters, skeleton
 from tiertune.offload import io as offload_io
 from tiertune.offload import streaming
 from tiertune.offload.store import LOCK_NAME, StoreError
@@ -26,6 +26,7 @@ def _engine(tmp_path, *overrides):
 
     cfg = fast_config(tmp_path, *overrides)
     model = get_method(cfg.tuning.method).apply(skeleton(cfg.model), cfg.tuning)
+    cast_parameters(model, WEIGHT_DTYPES[cfg.train.dtype])
     engine = build_engine(cfg, model, torch.device("cpu"), store_dir=tmp_path / "nvme-store")
     assert isinstance(engine, StreamingEngine)
     return engine
@@ -80,6 +81,34 @@ def test_a_step_updates_each_block_just_before_its_next_use(tmp_path):
         assert not engine.updater.pending
         after = engine.trainable_tensors()
         assert all(not torch.equal(after[n], before[n]) for n in before)
+    finally:
+        engine.close(gather=False)
+
+
+def test_an_update_of_bf16_weights_writes_them_from_their_masters_without_reading_them(tmp_path):
+    """Only one parameter of a layer gets a gradient: it changes, the layer's others keep their weights
+    (their masters, rounded), and the update never reads the layer's weights from the drive."""
+    engine = _engine(
+        tmp_path, "train.dtype=bf16", "offload.params=nvme", "offload.optimizer=nvme", "optim.overlap=none"
+    )
+    try:
+        before = engine.trainable_tensors()
+        s = engine.updater.states[1]  # the first decoder layer: several parameters
+        assert s.parts == 3 and s.flat.dtype == torch.bfloat16 and len(s.flat.params) > 2
+        engine.streamer.refresh(s.flat)  # not in the window: an update that needed it would read it
+        reads, read = [], engine.store.read
+        engine.store.read = lambda extent, view: reads.append(extent) or read(extent, view)
+        p = s.flat.params[0]
+        p.grad = torch.full_like(p, 0.5)
+        engine.updater._grad_hook(s, 0)(p)
+        engine.step(1e-3)
+        engine.settle()
+        assert s.flat.extent not in reads  # the weights' home was written, never read
+        after, masters = engine.trainable_tensors(), engine.trainable_tensors(masters=True)
+        first, *others = s.flat.flat.names
+        assert not torch.equal(after[first], before[first])
+        assert all(torch.equal(after[n], masters[n].to(torch.bfloat16)) for n in after)
+        assert all(torch.equal(after[n], before[n]) for n in before if n != first)
     finally:
         engine.close(gather=False)
 

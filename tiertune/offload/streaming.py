@@ -235,6 +235,21 @@ class BlockStreamer:
         self._wait_write(f)
         return f.slot.view(f.dtype)[: f.numel]
 
+    def blank(self, f: Flat) -> torch.Tensor:
+        """The flat's weights on the device like :meth:`resident`, but the caller will overwrite every one of
+        them (an update that writes 16-bit weights from their masters): a flat not in the window gets a slot
+        without a read of its home."""
+        if not f.streamed or f.slot is not None:
+            return self.resident(f)
+        slot = self._take_slot(f.role, {f})
+        if slot is None:
+            raise StreamError(f"no window slot for {f.flat.block}; raise offload.prefetch_depth")
+        f.slot, f.last_use = slot, self._clock
+        self._owner[self._slot_index(slot)] = f
+        self._point(f, slot.view(f.dtype)[: f.numel])
+        self._wait_write(f)
+        return slot.view(f.dtype)[: f.numel]
+
     def need(self, block: int) -> None:
         """Block ``block`` is about to compute: make it resident, and fetch the next ones ahead."""
         self._clock += 1
@@ -455,11 +470,13 @@ class BlockStreamer:
                     "raise offload.prefetch_depth"
                 )
 
-    def host_copy(self, f: Flat) -> torch.Tensor:
-        """The NVMe-homed flat's weights in a host buffer, for an update on the CPU; :meth:`put_home`
-        sends them back."""
+    def host_copy(self, f: Flat, read: bool = True) -> torch.Tensor:
+        """The NVMe-homed flat's weights in a host buffer, for an update on the CPU (``read`` False: a buffer
+        the caller will fill entirely, the drive not read); :meth:`put_home` sends them back."""
         self._wait_write(f)
         f.host = self._acquire_stage(f.nbytes)
+        if not read:
+            return f.host.slot[: f.nbytes].view(f.dtype)[: f.numel]
         io = None
         try:
             io = self.store.read(f.extent, f.host.slot)

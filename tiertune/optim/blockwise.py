@@ -682,6 +682,8 @@ class BlockAdamW:
                     if speculative:
                         self._keep(s, c, params[c.start : c.stop] if master is None else master, m, v)
                     self._adamw(s, c, params, m, v, lr, master=master)
+                    if master is not None:
+                        self._round_untouched(s, c, params, master)
                     if buf is None:
                         continue
                     io = self.store.write(c.extent, buf.slot)
@@ -783,14 +785,15 @@ class BlockAdamW:
         self.staging.release(buf)
 
     def _params(self, s: _State) -> torch.Tensor:
-        """The flat's weights where the update runs: the CPU (the device itself, without an accelerator)."""
-        f = s.flat
+        """The flat's weights where the update runs: the CPU (the device itself, without an accelerator).
+        16-bit weights are not read: the update writes every one of them from its master."""
+        f, read = s.flat, s.parts == 2
         if not self.streamer.staged:  # the window is host memory: update it in place
-            return self.streamer.resident(f)
+            return self.streamer.resident(f) if read else self.streamer.blank(f)
         if f.home is Tier.DEVICE:  # a host copy of the device's weights, copied back after the update
-            return f.home_buffer.to("cpu")
+            return f.home_buffer.to("cpu") if read else torch.empty(f.numel, dtype=f.dtype)
         if f.home is Tier.NVME:  # read from the drive into a host buffer
-            return self.streamer.host_copy(f)
+            return self.streamer.host_copy(f, read)
         return self.streamer.writable_home(f)  # host or CXL home: updated in place
 
     def _finish_params(self, s: _State, params: torch.Tensor) -> None:
@@ -850,6 +853,15 @@ class BlockAdamW:
                     weight_decay=wd,
                     out=None if master is None else outs,
                 )
+
+    @staticmethod
+    def _round_untouched(s: _State, c: _Chunk, params: torch.Tensor, master: torch.Tensor) -> None:
+        """The 16-bit weights of the chunk's parameters that got no gradient (the kernel wrote the others):
+        their masters, rounded, which is what they were (the weights were not read)."""
+        for i, (offset, p) in enumerate(zip(s.flat.flat.offsets, s.flat.params)):
+            lo, hi = max(offset, c.start), min(offset + p.numel(), c.stop)
+            if lo < hi and not s.touched[i]:
+                params[lo:hi].copy_(master[lo - c.start : hi - c.start])
 
     def zero_grad(self) -> None:
         """Drop the gradients gathered since the last step (a pending block's are its update's: kept)."""
