@@ -2,7 +2,7 @@
 
     bash scripts/venv-run python benchmarks/zero_infinity.py [--preset small-llama] [--steps 6] [--repeats 2]
                                                             [--micro-batch 8] [--seq-len 128]
-                                                            [--dtype fp32|bf16]
+                                                            [--dtype fp32|bf16] [--tiertune-host-gib G]
                                                             [--nvme-dir DIR] [--json PATH]
 
 One seeded job (the preset's weights, initialised parameter by parameter from the seed, the same token
@@ -15,7 +15,9 @@ hits both:
   (``DeepSpeedCPUAdam``) and its libaio async_io op, one process (world size 1, the gloo backend); the
   model is built as transformers builds it for ZeRO-3, inside ``deepspeed.zero.Init`` with each parameter
   partitioned to NVMe as it is made, so it never exists whole in memory either;
-- tiertune: ``offload.params=nvme offload.optimizer=nvme`` through its own training loop.
+- tiertune: ``offload.params=nvme offload.optimizer=nvme`` through its own training loop; or, with
+  ``--tiertune-host-gib G``, wherever its planner puts the state within a host memory budget of G GiB
+  (``memory.host_budget_gib``; what does not fit goes to NVMe), the way a job would run it.
 
 Every run is a process of its own, so its peak RSS (VmHWM) is its own. It prints the median step time
 (the first two steps of each run are warm-up and not counted), the peak RSS of each system and the ratios
@@ -84,15 +86,11 @@ def run_tiertune(args: argparse.Namespace, work: Path, store: Path) -> dict:
     from tiertune.launch.progress import quiet_libraries
 
     quiet_libraries()
-    cfg = load_config(
-        None,
-        [
-            *job(args, work / "run"),
-            "offload.params=nvme",
-            "offload.optimizer=nvme",
-            f"offload.nvme_dir=[{store}]",
-        ],
-    )
+    if args.tiertune_host_gib is None:
+        placement = ["offload.params=nvme", "offload.optimizer=nvme"]
+    else:
+        placement = [f"memory.host_budget_gib={args.tiertune_host_gib}"]
+    cfg = load_config(None, [*job(args, work / "run"), *placement, f"offload.nvme_dir=[{store}]"])
     rows: list[dict] = []
     on_drive = [0]  # the store's files, measured as DeepSpeed's are (they go when the run ends)
 
@@ -294,6 +292,8 @@ def spawn(args: argparse.Namespace, system: str, work: Path) -> dict:
         f"--seq-len={args.seq_len}",
         f"--dtype={args.dtype}",
     ]
+    if args.tiertune_host_gib is not None:
+        cmd.append(f"--tiertune-host-gib={args.tiertune_host_gib}")
     env = dict(os.environ)
     # Where tiertune's deepspeed I/O backend builds DeepSpeed's ops: built once, reused by every run.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
@@ -333,6 +333,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--tiertune-host-gib", type=float, default=None, metavar="G")
     parser.add_argument("--nvme-dir", default=None)
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -358,9 +359,14 @@ def main() -> None:
     step = {n: statistics.median(t for run in rs for t in run["step_s"][WARMUP:]) for n, rs in runs.items()}
     rss = {n: statistics.median(run["peak_rss_bytes"] for run in rs) for n, rs in runs.items()}
     timed = (args.steps - WARMUP) * args.repeats
+    where = "weights and optimizer state on NVMe"
+    if args.tiertune_host_gib is not None:
+        where = (
+            f"deepspeed: {where}, tiertune: as planned within {args.tiertune_host_gib:g} GiB of host memory"
+        )
     print(
-        f"{args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, {args.dtype}, weights and optimizer state "
-        f"on NVMe; {timed} timed steps each ({args.repeats} runs of {args.steps}, {WARMUP} warm-up)"
+        f"{args.preset}, micro-batch {args.micro_batch} x {args.seq_len}, {args.dtype}, {where}; "
+        f"{timed} timed steps each ({args.repeats} runs of {args.steps}, {WARMUP} warm-up)"
     )
     print(f"  {'':10} {'median step':>12} {'peak RSS':>10} {'on NVMe':>10}")
     for n in SYSTEMS:
@@ -386,6 +392,7 @@ def main() -> None:
                     "micro_batch": args.micro_batch,
                     "seq_len": args.seq_len,
                     "dtype": args.dtype,
+                    "tiertune_host_gib": args.tiertune_host_gib,
                     "steps": args.steps,
                     "warmup_steps": WARMUP,
                     "median_step_s": step,
