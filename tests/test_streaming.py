@@ -87,23 +87,32 @@ def test_a_step_updates_each_block_just_before_its_next_use(tmp_path):
 
 def test_an_update_of_bf16_weights_writes_them_from_their_masters_without_reading_them(tmp_path):
     """Only one parameter of a layer gets a gradient: it changes, the layer's others keep their weights
-    (their masters, rounded), and the update never reads the layer's weights from the drive."""
+    (their masters, rounded), and the update never reads the layer's weights from the drive (but the
+    first, which takes the masters from them)."""
     engine = _engine(
         tmp_path, "train.dtype=bf16", "offload.params=nvme", "offload.optimizer=nvme", "optim.overlap=none"
     )
-    try:
-        before = engine.trainable_tensors()
-        s = engine.updater.states[1]  # the first decoder layer: several parameters
-        assert s.parts == 3 and s.flat.dtype == torch.bfloat16 and len(s.flat.params) > 2
-        engine.streamer.refresh(s.flat)  # not in the window: an update that needed it would read it
-        reads, read = [], engine.store.read
-        engine.store.read = lambda extent, view: reads.append(extent) or read(extent, view)
-        p = s.flat.params[0]
+    s = engine.updater.states[1]  # the first decoder layer: several parameters
+    p = s.flat.params[0]
+
+    def step_only_the_first_parameter() -> None:
         p.grad = torch.full_like(p, 0.5)
         engine.updater._grad_hook(s, 0)(p)
         engine.step(1e-3)
         engine.settle()
+
+    try:
+        assert s.parts == 3 and s.flat.dtype == torch.bfloat16 and len(s.flat.params) > 2
+        assert s.fresh  # no master written yet: the first update takes them from the weights
+        step_only_the_first_parameter()
+        assert not s.fresh
+        before = engine.trainable_tensors()
+        engine.streamer.refresh(s.flat)  # not in the window: an update that needed it would read it
+        reads, read = [], engine.store.read
+        engine.store.read = lambda extent, view: reads.append(extent) or read(extent, view)
+        step_only_the_first_parameter()
         assert s.flat.extent not in reads  # the weights' home was written, never read
+        engine.streamer.refresh(s.flat)  # what follows reads the drive's copy
         after, masters = engine.trainable_tensors(), engine.trainable_tensors(masters=True)
         first, *others = s.flat.flat.names
         assert not torch.equal(after[first], before[first])

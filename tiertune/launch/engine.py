@@ -84,10 +84,12 @@ class TrainEngine:
         self._account()
 
     def _account(self) -> None:
-        """Report what this engine holds: everything is resident on the device tier."""
+        """Report what this engine holds: everything is resident on the device tier (fp32 masters, if any,
+        with the optimizer state; gradients on the weights or on their masters)."""
         params = list(self.model.parameters())
+        graded = {id(p): p for p in [*params, *self.updater.trainable()] if p.grad is not None}
         self.ledger.set(Tier.DEVICE, Kind.PARAMS, sum(p.nbytes for p in params))
-        self.ledger.set(Tier.DEVICE, Kind.GRADS, sum(p.grad.nbytes for p in params if p.grad is not None))
+        self.ledger.set(Tier.DEVICE, Kind.GRADS, sum(p.grad.nbytes for p in graded.values()))
         self.ledger.set(Tier.DEVICE, Kind.OPTIMIZER, self.updater.state_bytes())
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -233,6 +235,10 @@ class StreamingEngine(TrainEngine):
 
         entries = [(n, dtype(f), tuple(s)) for f in flats for n, s in zip(f.flat.names, f.shapes)]
         write_safetensors(path, entries, self._weights(flats, masters), metadata={"format": "pt"})
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """What the optimizer updates, by parameter name (copies, read from their homes)."""
+        return self.trainable_tensors(masters=True)
 
     def trainable_tensors(self, masters: bool = False) -> dict[str, torch.Tensor]:
         """Every trainable weight (``masters``: its fp32 master, if it has one) as a CPU tensor (a copy)."""

@@ -162,6 +162,8 @@ def _train(
 ) -> Summary:
     splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
     fingerprints = {"training data": splits.fingerprint(), **weights_fingerprint(cfg.model)}
+    if cfg.train.dtype == "bf16":  # before bf16 weights had fp32 masters, train.dtype=bf16 meant autocast
+        fingerprints["precision"] = "bf16 weights with fp32 masters"
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     say(
         f"model {describe(cfg.model)}: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "

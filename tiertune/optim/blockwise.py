@@ -89,7 +89,7 @@ _HOST = torch.device("cpu")  # gradients and in-memory state live where the CPU 
 class _Chunk:
     start: int  # element range of the flat
     stop: int
-    extent: Extent | None = None  # [exp_avg | exp_avg_sq] on NVMe
+    extent: Extent | None = None  # [exp_avg | exp_avg_sq (| master)] on NVMe
     unit: int = -1  # its place in the ring of NVMe chunks
 
 
@@ -106,6 +106,9 @@ class _State:
     # (each part the flat's size), when the home is memory; each NVMe chunk holds its range so.
     moments: torch.Tensor | None = None
     parts: int = 2
+    # 16-bit weights whose masters were never set: the first update (or a checkpoint) takes them from the
+    # weights, so a job starts without writing (or holding) its masters.
+    fresh: bool = False
     pending: bool = False  # stepped, not yet updated: its gradient holds the clipped step gradient
     on_device: bool = False  # pending, and planned to be updated on the device (see BlockAdamW._launch)
     # Speculation (see BlockAdamW.arm): which parameters' gradients arrived in the armed backward, what the
@@ -203,6 +206,7 @@ class BlockAdamW:
                 [p.ndim >= 2 for p in f.params],
                 parts=2 if f.dtype == torch.float32 else 3,  # 16-bit weights: an fp32 master too
             )
+            s.fresh = s.parts == 3
             if home is Tier.NVME:
                 if store is None:
                     raise ValueError("optimizer state on NVMe needs a store")
@@ -297,12 +301,10 @@ class BlockAdamW:
             slot = align_up(max(4 * s.parts * (c.stop - c.start) for s, c in self._units))
             tier = Tier.DEVICE if self.device.type == "cpu" else Tier.HOST
             self.staging = BufferPool({slot: self._slots}, tier=tier, ledger=ledger)
-            self._ahead.extend(range(len(self._units)))  # the first step's state: zeros, no read needed
+            # The first step's state: zero moments (and fresh masters, taken from the weights): no read needed.
+            self._ahead.extend(range(len(self._units)))
         streamer.before_use = self.ensure
         self.zero_grad()
-        for s in self.states:  # the masters start as the weights are
-            if s.parts == 3:
-                self._put_state(s, None, self._weights_of(s))
 
     def _grad_hook(self, s: _State, i: int):
         offset, numel = s.flat.flat.offsets[i], s.flat.params[i].numel()
@@ -624,10 +626,14 @@ class BlockAdamW:
         params = self._params(s)
         state = _parts(s.moments, s.parts)  # exp_avg, exp_avg_sq[, master]
         weights = state[2] if s.parts == 3 else params  # what the update runs on: fp32
+        if s.fresh:  # the masters start as the weights are
+            weights.copy_(params)
+            s.fresh = False
         ins = ((p, weights), (g, s.grad), (m, state[0]), (v, state[1]))
         outs = ((state[0], m), (state[1], v), (weights, p))
-        if s.parts == 3:  # and the 16-bit weights: the masters rounded on the device, once updated
-            outs += ((params, lambda: p.to(params.dtype)),)
+        if s.parts == 3:  # and the 16-bit weights: the masters rounded on the device, into the gradient's
+            # room (spent once the kernel has run), then copied back
+            outs += ((params, lambda: g.view(params.dtype)[:n].copy_(p)),)
         t0 = time.perf_counter()
         with trace.span("compute", f"update on device {s.flat.flat.block}"), torch.no_grad():
             if self._streams is None:  # the CPU standing in for the device: each stage at once
@@ -679,6 +685,8 @@ class BlockAdamW:
                     buf = self._take(c.unit) if c.extent is not None else None
                     m, v, *master = _parts(s.moments if buf is None else buf.slot, s.parts, c.stop - c.start)
                     master = master[0] if master else None
+                    if s.fresh:  # the masters start as the weights are
+                        master.copy_(params[c.start : c.stop])
                     if speculative:
                         self._keep(s, c, params[c.start : c.stop] if master is None else master, m, v)
                     self._adamw(s, c, params, m, v, lr, master=master)
@@ -690,6 +698,7 @@ class BlockAdamW:
                     self._held = None
                     self._writes.append((c.unit, io, buf))
                     self._poll()
+                s.fresh = False
                 self._finish_params(s, params)
         except BaseException as e:
             self._failed = self._failed or e
@@ -787,7 +796,7 @@ class BlockAdamW:
     def _params(self, s: _State) -> torch.Tensor:
         """The flat's weights where the update runs: the CPU (the device itself, without an accelerator).
         16-bit weights are not read: the update writes every one of them from its master."""
-        f, read = s.flat, s.parts == 2
+        f, read = s.flat, s.parts == 2 or s.fresh
         if not self.streamer.staged:  # the window is host memory: update it in place
             return self.streamer.resident(f) if read else self.streamer.blank(f)
         if f.home is Tier.DEVICE:  # a host copy of the device's weights, copied back after the update
@@ -877,33 +886,39 @@ class BlockAdamW:
 
     # -- checkpoints --------------------------------------------------------------------------------
 
-    def _state_of(self, s: _State) -> torch.Tensor:
-        """The block's whole state, ``[exp_avg | exp_avg_sq (| master)]`` (read from the drive into a new
-        tensor when it lives there)."""
-        if s.moments is not None:
-            return s.moments
-        out = torch.empty(s.parts * s.flat.numel, dtype=torch.float32)
-        whole = _parts(out, s.parts)
+    def _state_of(self, s: _State, which: slice = slice(0, 2)) -> torch.Tensor:
+        """Parts ``which`` of the block's state ``[exp_avg | exp_avg_sq (| master)]`` (by default the two
+        moments), read from the drive into a new tensor when they live there."""
+        wanted = range(s.parts)[which]
+        if s.moments is not None:  # the parts are consecutive: a view
+            return s.moments[wanted.start * s.flat.numel : wanted.stop * s.flat.numel]
+        out = torch.empty(len(wanted) * s.flat.numel, dtype=torch.float32)
+        into = _parts(out, len(wanted))
         for c in s.chunks:
             k = c.stop - c.start
-            if c.extent.checksums is None:  # never written: zeros (moments only: masters are written first)
-                for part in whole:
+            if c.extent.checksums is None:  # never written: moments at zero (a fresh master is not asked)
+                for part in into:
                     part[c.start : c.stop].zero_()
                 continue
             buf = self.staging.acquire(4 * s.parts * k)
             try:
                 self.store.read(c.extent, buf.slot).wait()
-                for part, chunk in zip(whole, _parts(buf.slot, s.parts, k)):
-                    part[c.start : c.stop] = chunk
+                chunks = _parts(buf.slot, s.parts, k)
+                for part, i in zip(into, wanted):
+                    part[c.start : c.stop] = chunks[i]
             finally:
                 self.staging.release(buf)
         return out
 
     def master(self, f: Flat) -> torch.Tensor | None:
-        """The fp32 masters of a trainable flat of 16-bit weights (a tensor of its own when they live on the
-        drive), or None for fp32 weights (they are their own masters)."""
+        """The fp32 masters of a trainable flat of 16-bit weights (a tensor of its own, or a view of the
+        state in memory), or None for fp32 weights (they are their own masters)."""
         s = next(s for s in self.states if s.flat is f)
-        return _parts(self._state_of(s), s.parts)[2] if s.parts == 3 else None
+        if s.parts == 2:
+            return None
+        if s.fresh:  # never set: the weights themselves
+            return self._weights_of(s)
+        return _parts(s.moments, 3)[2] if s.moments is not None else self._state_of(s, slice(2, 3))
 
     def _weights_of(self, s: _State) -> torch.Tensor:
         """The flat's weights, as fp32, read from wherever they live (the masters' first values)."""
@@ -1034,11 +1049,11 @@ class BlockAdamW:
 
         return entry
 
-    def _put_state(self, s: _State, moments: torch.Tensor | None, master: torch.Tensor | None) -> None:
-        """Set the block's moments (``[exp_avg | exp_avg_sq]``; None: zeros) and, for 16-bit weights, its
-        fp32 masters, in the state's home."""
+    def _put_state(self, s: _State, moments: torch.Tensor, master: torch.Tensor | None) -> None:
+        """Set the block's moments (``[exp_avg | exp_avg_sq]``) and, for 16-bit weights, its fp32 masters,
+        in the state's home."""
         n = s.flat.numel
-        moments = torch.zeros(2 * n) if moments is None else moments
+        s.fresh = False
         parts = [moments[:n], moments[n:], master][: s.parts]
         if s.moments is not None:
             for home, value in zip(_parts(s.moments, s.parts), parts):

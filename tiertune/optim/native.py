@@ -22,7 +22,7 @@ threads, whole cache lines each (the count it is given: torch's; one thread belo
 after torch, it shares torch's OpenMP runtime (the same ``libgomp.so.1``) and so its thread pool.
 
 The library is built with ``cc`` into the environment (``<sys.prefix>/torch_extensions/tiertune_native``),
-under a name that hashes the source, the flags and the CPU model, so another machine sharing the
+under a name that hashes the source, the flags and the CPU model and features, so another machine sharing the
 environment builds its own; concurrent processes each build to a temporary name and rename it into place.
 Flags: ``-ffp-contract=off`` keeps every multiply-add the source does not fuse explicitly unfused (the C
 spells out with ``fmaf`` exactly where torch's compiled kernel fuses); ``-fno-math-errno`` lets ``sqrtf``
@@ -122,14 +122,18 @@ def cache_dir() -> Path:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and its feature flags (a virtual machine may hide features its model has: a
+    library built with -march=native where they were visible would not run there)."""
+    found = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "flags") and key.strip() not in found:
+                    found[key.strip()] = value.strip()
     except OSError:
         pass
-    return os.uname().machine
+    return "\n".join(found.values()) or os.uname().machine
 
 
 def library_path() -> Path:

@@ -108,8 +108,11 @@ class TorchAdamWUpdater:
             p.grad = None
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state (moments, step counts) held now."""
-        return sum(t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+        """Bytes of optimizer state (moments, step counts, fp32 masters) held now."""
+        masters = sum(m.nbytes for m in self.masters) if self.masters is not None else 0
+        return masters + sum(
+            t.nbytes for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+        )
 
     def trainable(self) -> list[torch.Tensor]:
         """The weights the optimizer updates, in the order it was given them (the masters, if any)."""
