@@ -142,6 +142,15 @@ def _parts(state: torch.Tensor, parts: int, k: int | None = None) -> list[torch.
     return [state[i * k : (i + 1) * k] for i in range(parts)]
 
 
+def _in_chunk(s: _State, c: _Chunk) -> Iterator[tuple[int, int, int]]:
+    """(index, start, stop) of each of the flat's parameters that overlaps chunk ``c``: the overlap's
+    element range in the flat."""
+    for i, (offset, p) in enumerate(zip(s.flat.flat.offsets, s.flat.params)):
+        lo, hi = max(offset, c.start), min(offset + p.numel(), c.stop)
+        if lo < hi:
+            yield i, lo, hi
+
+
 def _pin(t: torch.Tensor) -> None:
     """Page-lock the whole allocation behind a host buffer of ours (page-aligned, as flat_buffer makes them)
     for asynchronous copies; unlocked when the buffer is freed."""
@@ -837,9 +846,8 @@ class BlockAdamW:
         b1, b2 = self.cfg.betas
         for decay in (True, False):
             ps, gs, ms, vs, steps, outs = [], [], [], [], [], []
-            for i, (offset, p) in enumerate(zip(s.flat.flat.offsets, s.flat.params)):
-                lo, hi = max(offset, c.start), min(offset + p.numel(), c.stop)
-                if lo >= hi or not s.touched[i] or s.decay[i] != decay:
+            for i, lo, hi in _in_chunk(s, c):
+                if not s.touched[i] or s.decay[i] != decay:
                     continue
                 local = slice(lo - c.start, hi - c.start)
                 ps.append(params[lo:hi] if master is None else master[local])
@@ -867,9 +875,8 @@ class BlockAdamW:
     def _round_untouched(s: _State, c: _Chunk, params: torch.Tensor, master: torch.Tensor) -> None:
         """The 16-bit weights of the chunk's parameters that got no gradient (the kernel wrote the others):
         their masters, rounded, which is what they were (the weights were not read)."""
-        for i, (offset, p) in enumerate(zip(s.flat.flat.offsets, s.flat.params)):
-            lo, hi = max(offset, c.start), min(offset + p.numel(), c.stop)
-            if lo < hi and not s.touched[i]:
+        for i, lo, hi in _in_chunk(s, c):
+            if not s.touched[i]:
                 params[lo:hi].copy_(master[lo - c.start : hi - c.start])
 
     def zero_grad(self) -> None:
@@ -918,7 +925,7 @@ class BlockAdamW:
             return None
         if s.fresh:  # never set: the weights themselves
             return self._weights_of(s)
-        return _parts(s.moments, 3)[2] if s.moments is not None else self._state_of(s, slice(2, 3))
+        return self._state_of(s, slice(2, 3))
 
     def _weights_of(self, s: _State) -> torch.Tensor:
         """The flat's weights, as fp32, read from wherever they live (the masters' first values)."""

@@ -3,8 +3,9 @@
 :class:`TorchAdamWUpdater` holds every trainable parameter and its state where the model lives and
 uses ``torch.optim.AdamW`` (fused where the device supports it). Parameters in a 16-bit dtype get fp32
 masters: the optimizer updates the masters, each micro-batch's gradient is added into an fp32 gradient
-of its master as soon as autograd completes it, and the weights are the masters rounded after each step. The tiered updaters that keep state
-on host or NVMe and overlap the update with backward implement the same small interface.
+of its master as soon as autograd completes it, and the weights are the masters rounded after each step.
+The tiered updaters that keep state on host or NVMe and overlap the update with backward implement the
+same small interface.
 """
 
 from __future__ import annotations
