@@ -84,13 +84,20 @@ def test_probe_measures_the_tiers_and_writes_a_profile(tmp_path, capsys):
     profile = MachineProfile.load(out)
     assert profile.dram_copy_gbps > 0 and profile.cpu_adamw_params_per_s > 0
     assert profile.cpu_adam_kernels["torch"] > 0  # and deepspeed's, where its op compiles
-    assert profile.cpu_adamw_params_per_s == max(profile.cpu_adam_kernels.values())
+    # the rate planned with is that of the kernel `auto` takes: the fastest, save that DeepSpeed's (whose
+    # numbers differ from torch's) must beat an exact one by DEEPSPEED_MARGIN
+    from tiertune.optim.kernels import DEEPSPEED_MARGIN
+
+    printed = capsys.readouterr().out
+    taken = printed.split("optim.kernel=auto")[1].split()[0]
+    assert profile.cpu_adamw_params_per_s == profile.cpu_adam_kernels[taken]
+    assert max(profile.cpu_adam_kernels.values()) <= DEEPSPEED_MARGIN * profile.cpu_adamw_params_per_s
     figures = profile.nvme[str(tmp_path)]
     assert set(figures) == {
         f"{rw}_qd{qd}_bs{bs}k" for rw in ("read", "write") for qd in (1, 4, 8) for bs in (128, 1024, 4096)
     }
     assert all(v > 0 for v in figures.values())
-    assert f"profile written to {out}" in capsys.readouterr().out
+    assert f"profile written to {out}" in printed
     assert not list(tmp_path.glob("tiertune-probe-*"))  # its scratch file is gone
 
 
