@@ -97,12 +97,70 @@ class LoraConfig:
         "module names to adapt (e.g. [q_proj, v_proj]); [all-linear] adapts every linear layer but the head",
         _non_empty,
     )
+    export_merged: bool = opt(
+        False,
+        "also export final/merged: a full HF model directory with the adapters merged into the base weights "
+        "(a compressed base is decompressed first), written tensor by tensor; `tiertune merge` does it later",
+    )
+
+
+def _bit_widths(v: list[int]) -> str | None:
+    return (
+        None
+        if v and all(1 <= b <= 8 or b == 16 for b in v)
+        else "must be bit widths in 1..8, or 16 (uncompressed)"
+    )
+
+
+def _sparsities(v: list[float]) -> str | None:
+    return None if v and all(0.0 <= s < 1.0 for s in v) else "must be shares in [0, 1), e.g. [0.0, 0.25, 0.5]"
+
+
+@dataclass
+class LucConfig:
+    avg_bits: float = opt(
+        4.0,
+        "average code width of the decoder layers' linears (weighted by size): the budget the policy meets, "
+        "compressing the least sensitive layers hardest",
+        _between(1.0, 16.0),
+    )
+    max_bytes_ratio: float | None = opt(
+        None,
+        "instead of avg_bits: the compressed linears' stored bytes (codes, pruning masks, group scales) at "
+        "most this share of their 16-bit bytes, e.g. 0.3",
+        _between(0.01, 1.0),
+    )
+    sparsity: float = opt(
+        0.0, "average share of those weights pruned (smallest magnitudes, row by row)", _between(0.0, 0.95)
+    )
+    bits_choices: list[int] = opt(
+        [2, 3, 4, 8], "bit widths a layer may get (16: left uncompressed)", _bit_widths
+    )
+    sparsity_choices: list[float] = opt(
+        [0.0, 0.25, 0.5], "pruning ratios a layer may get (only 0 is used unless sparsity > 0)", _sparsities
+    )
+    group_size: int = opt(
+        64,
+        "consecutive weights of a row sharing one scale and minimum: smaller is finer, more bytes",
+        _positive,
+    )
+    calibration_batches: int = opt(
+        4, "training micro-batches each layer's sensitivity is measured on", _positive
+    )
+    policy: str | None = opt(
+        None, "a saved policy (luc_policy.json of an earlier run or of `tiertune plan`) to use as it is"
+    )
 
 
 @dataclass
 class TuningConfig:
-    method: Literal["full", "lora"] = opt("full", "full: train every weight; lora: train adapters only")
+    method: Literal["full", "lora", "luc_lora"] = opt(
+        "full",
+        "full: train every weight; lora: train adapters only; luc_lora: adapters over a base compressed "
+        "layer by layer (tuning.luc.*), which the offload engine keeps and moves compressed",
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
+    luc: LucConfig = field(default_factory=LucConfig)
 
 
 @dataclass

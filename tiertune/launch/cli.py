@@ -7,6 +7,8 @@
     tiertune blocks [CONFIG] [key=value ...]    the job's model cut into the blocks that offload moves
     tiertune probe [--nvme-dir DIR ...]         measure this machine's tiers into a machine profile
     tiertune plan [CONFIG] [key=value ...]      where each block's state would live, and the predicted step
+                                                (luc_lora: the measured compression policy too)
+    tiertune merge RUN_DIR [--out DIR]          a LoRA run's adapters merged into its base: a full HF model
 
 Exit status: 0 done, 2 bad input (config, data, checkpoint, output directory; the message says what to
 do), 130 interrupted, 1 anything else (a bug: the traceback is kept).
@@ -70,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     blocks.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     plan = sub.add_parser("plan", help="place the job's state across the tiers (the model is not allocated)")
     plan.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    merge = sub.add_parser(
+        "merge", help="merge a finished LoRA run's adapters into its base: a full HF model directory"
+    )
+    merge.add_argument("run_dir", help="the run's output_dir")
+    merge.add_argument("--out", help="where to write it (default RUN_DIR/final/merged)")
+    plan.add_argument("--save-policy", metavar="FILE", help="luc_lora: write the measured LUC policy to FILE")
     probe = sub.add_parser(
         "probe", help="measure DRAM, NVMe, CUDA copies, CXL and CPU AdamW into a machine profile"
     )
@@ -178,11 +186,38 @@ def _plan(ns: argparse.Namespace) -> int:
     path, overrides = _split_args(ns.args)
     cfg = load_config(path, overrides)
     _quiet()
+    from pathlib import Path
+
+    from tiertune.launch.luc_job import uses_luc
     from tiertune.launch.models import describe
     from tiertune.launch.plan import format_plan, plan_job
 
     title = f"{describe(cfg.model)}, {cfg.tuning.method}, {cfg.train.dtype}, micro-batch {cfg.train.micro_batch_size} x {cfg.data.seq_len}"
-    print(format_plan(plan_job(cfg), title))
+    policy = None
+    if uses_luc(cfg):  # the policy is measured on the job's data; the plan then moves compressed bytes
+        from tiertune.launch.data import build_splits
+        from tiertune.launch.luc_job import POLICY_FILE, job_policy
+        from tiertune.launch.models import load_tokenizer
+
+        splits = build_splits(cfg.data, load_tokenizer(cfg.model), cfg.train.seed)
+        policy = job_policy(cfg, Path(cfg.output_dir) if cfg.output_dir else None, splits.train)
+        print(policy.describe())
+        if ns.save_policy:
+            Path(ns.save_policy).write_text(policy.to_json() + "\n")
+            print(f"policy written to {ns.save_policy} (use it with tuning.luc.policy={ns.save_policy})")
+        elif cfg.output_dir is None:
+            print(f"(a run saves it as <output_dir>/{POLICY_FILE}; --save-policy FILE saves it now)")
+    print(format_plan(plan_job(cfg, policy), title))
+    return EXIT_OK
+
+
+def _merge(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    _quiet()
+    from tiertune.launch.merge import merge_run
+
+    print(f"merged model written to {merge_run(Path(ns.run_dir), Path(ns.out) if ns.out else None)}")
     return EXIT_OK
 
 
@@ -237,4 +272,5 @@ _COMMANDS = {
     "blocks": _blocks,
     "probe": _probe,
     "plan": _plan,
+    "merge": _merge,
 }

@@ -24,6 +24,8 @@ from tiertune.launch.checkpoint import Checkpoint
 from tiertune.launch.data import BatchStream, Splits, build_splits, count_targets, eval_batches
 from tiertune.launch.engine import TrainEngine, build_engine
 from tiertune.launch.evaluate import exact_match
+from tiertune.launch.luc_job import POLICY_FILE, job_policy, policy_fingerprint, uses_luc
+from tiertune.launch.merge import MERGED_DIR, write_merged
 from tiertune.launch.models import (
     WEIGHT_DTYPES,
     build_model,
@@ -50,6 +52,7 @@ from tiertune.memory import (
 )
 from tiertune.optim import StepReport, lr_at
 from tiertune.tuning import get_method
+from tiertune.tuning.luc import Policy, compress_layers
 
 StepCallback = Callable[[dict[str, Any]], None]
 
@@ -122,8 +125,16 @@ def _run(
         model = build_model(cfg.model, seed=cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     check_vocab(model, tokenizer)
+    splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
     method = get_method(cfg.tuning.method)
-    model = cast_parameters(method.apply(model, cfg.tuning), WEIGHT_DTYPES[cfg.train.dtype])
+    model = method.apply(model, cfg.tuning)
+    policy = None
+    if uses_luc(cfg):  # the base's linears compressed by a policy measured on the job's own data
+        policy = job_policy(cfg, out, splits.train)
+        compress_layers(model, policy, WEIGHT_DTYPES[cfg.train.dtype])
+        write_atomic(out / POLICY_FILE, policy.to_json() + "\n")
+        say(policy.describe())
+    model = cast_parameters(model, WEIGHT_DTYPES[cfg.train.dtype])
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     budgets = resolve_budgets(cfg.memory, device)
@@ -136,7 +147,19 @@ def _run(
         engine = build_engine(cfg, model, device, budgets, ledger, store_dir=out / "nvme-store")
         try:
             return _train(
-                cfg, out, engine, model, tokenizer, method, budgets, device, resume_from, callbacks, started
+                cfg,
+                out,
+                engine,
+                model,
+                tokenizer,
+                splits,
+                method,
+                budgets,
+                device,
+                resume_from,
+                callbacks,
+                started,
+                policy,
             )
         finally:
             engine.close(gather=False)  # hooks off, store files deleted: also when training fails
@@ -153,15 +176,18 @@ def _train(
     engine: TrainEngine,
     model: torch.nn.Module,
     tokenizer: Any,
+    splits: Splits,
     method: Any,
     budgets: Budgets,
     device: torch.device,
     resume_from: Checkpoint | None,
     callbacks: Sequence[StepCallback],
     started: float,
+    policy: Policy | None,
 ) -> Summary:
-    splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
     fingerprints = {"training data": splits.fingerprint(), **weights_fingerprint(cfg.model)}
+    if policy is not None:  # the adapters were trained over this compression of the base
+        fingerprints["LUC policy"] = policy_fingerprint(policy)
     if cfg.train.dtype == "bf16":  # before bf16 weights had fp32 masters, train.dtype=bf16 meant autocast
         fingerprints["precision"] = "bf16 weights with fp32 masters"
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
@@ -211,6 +237,12 @@ def _train(
     engine.settle()
     try:
         engine.export(method, tokenizer, export_dir)
+        if policy is not None:
+            write_atomic(export_dir / POLICY_FILE, policy.to_json() + "\n")
+        if cfg.tuning.method != "full" and cfg.tuning.lora.export_merged:
+            say(
+                f"merging the adapters into the base: {write_merged(cfg, engine.model, tokenizer, export_dir / MERGED_DIR)}"
+            )
     except Exception as e:  # safetensors reports a full disk as its own error type
         kept = f"; checkpoint {last_ckpt.path} holds the trained weights" if last_ckpt else ""
         raise RunDirError(f"cannot export the result to {export_dir}: {e}{kept}") from None

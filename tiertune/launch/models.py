@@ -23,6 +23,7 @@ from tiertune.config import ModelConfig
 from tiertune.errors import ModelError
 from tiertune.launch.presets import PRESETS
 from tiertune.launch.tokenizer import byte_tokenizer
+from tiertune.tuning.luc import CompressedSource, has_compressed
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,16 @@ WeightSource = Callable[[str, torch.Tensor], None]  # fill the tensor with the n
 
 def weight_source(cfg: ModelConfig, seed: int, model: nn.Module) -> WeightSource:
     """Where a parameter's values come from: the safetensors files of ``cfg.path`` (read one tensor at a
-    time), or the seed (:func:`init_parameter`)."""
+    time), or the seed (:func:`init_parameter`); a compressed linear's tensors are made from its original
+    weight (:class:`~tiertune.tuning.luc.CompressedSource`)."""
     if cfg.path is None:
         std = getattr(model.config, "initializer_range", 0.02)
-        return lambda name, tensor: init_parameter(name, tensor, seed, std)
-    return ShardReader(Path(cfg.path), getattr(model, "base_model_prefix", ""))
+        source: WeightSource = lambda name, tensor: init_parameter(name, tensor, seed, std)  # noqa: E731
+    else:
+        source = ShardReader(Path(cfg.path), getattr(model, "base_model_prefix", ""))
+    if has_compressed(model):  # a LUC base: its compressed tensors are made from the original weights
+        return CompressedSource(model, source, base_name)
+    return source
 
 
 def has_safetensors(path: str | Path) -> bool:

@@ -17,6 +17,7 @@ from tiertune.memory.profile import DEFAULT_PROFILE, MachineProfile
 from tiertune.offload import find_blocks
 from tiertune.offload.planner import BlockShape, Plan, activation_bytes_estimate, plan_placement
 from tiertune.tuning import get_method
+from tiertune.tuning.luc import Policy, compress_layers
 
 NVME_RESERVE = 0.05  # of each filesystem's free space, left for the run's checkpoints and the system
 
@@ -44,11 +45,14 @@ def nvme_free_bytes(dirs: list[Path]) -> int:
     return sum(seen.values())
 
 
-def plan_job(cfg: JobConfig) -> Plan:
-    """Plan ``cfg``: the model is built on the meta device, so a 70B job plans in a second."""
+def plan_job(cfg: JobConfig, luc: Policy | None = None) -> Plan:
+    """Plan ``cfg``: the model is built on the meta device, so a 70B job plans in a second (``luc``: with
+    its base compressed by that policy)."""
     model = get_method(cfg.tuning.method).apply(
         build_model(cfg.model, seed=cfg.train.seed, device="meta"), cfg.tuning
     )
+    if luc is not None:
+        compress_layers(model, luc, WEIGHT_DTYPES[cfg.train.dtype])
     cast_parameters(model, WEIGHT_DTYPES[cfg.train.dtype])
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     return plan_model(cfg, model, resolve_budgets(cfg.memory, device), nvme_free_bytes(nvme_dirs(cfg)))
@@ -63,7 +67,13 @@ def machine_profile(cfg: JobConfig) -> MachineProfile | None:
 def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: int) -> Plan:
     """Plan ``model`` (on any device, meta included) for ``cfg`` under ``budgets``."""
     shapes = [
-        BlockShape(b.name, b.kind, b.numel, sum(p.numel() for p in b.params.values() if p.requires_grad))
+        BlockShape(
+            b.name,
+            b.kind,
+            b.numel,
+            sum(p.numel() for p in b.params.values() if p.requires_grad),
+            sum(b.nbytes_by_dtype().values()),  # a compressed (LUC) base: its codes and scales as stored
+        )
         for b in find_blocks(model)
     ]
     hf = hf_config(cfg.model)

@@ -62,6 +62,7 @@ class BlockShape:
     kind: str  # embed, layer, head
     numel: int
     trainable: int
+    param_bytes: int | None = None  # when the weights are not all in the compute dtype (compressed codes)
 
 
 @dataclass
@@ -102,12 +103,12 @@ def activation_bytes_estimate(
 
 
 def block_bytes(shape: BlockShape, compute_bytes: int) -> dict[Kind, int]:
-    """Bytes of each home kind: weights in the compute dtype; fp32 gradients; two fp32 Adam moments, plus an
+    """Bytes of each home kind: weights in the compute dtype (or as ``param_bytes`` says); fp32 gradients; two fp32 Adam moments, plus an
     fp32 master copy when the weights are kept in a 16-bit dtype. Each rounded up to 4 KiB, as the pool
     and the NVMe store hold them."""
     master = 4 if compute_bytes < 4 else 0
     raw = {
-        Kind.PARAMS: shape.numel * compute_bytes,
+        Kind.PARAMS: shape.numel * compute_bytes if shape.param_bytes is None else shape.param_bytes,
         Kind.GRADS: shape.trainable * 4,
         Kind.OPTIMIZER: shape.trainable * (8 + master),
     }

@@ -219,8 +219,9 @@ class BlockStreamer:
 
     def _unpoint(self, f: Flat) -> None:
         """Point the flat's parameters at a NaN placeholder of their shape (no memory)."""
-        if f.dtype not in self._poison:
-            self._poison[f.dtype] = torch.full((1,), float("nan"), dtype=f.dtype, device=self.device)
+        if f.dtype not in self._poison:  # integers (compressed codes) have no NaN: all bits set instead
+            fill = float("nan") if f.dtype.is_floating_point else torch.iinfo(f.dtype).max
+            self._poison[f.dtype] = torch.full((1,), fill, dtype=f.dtype, device=self.device)
         for p, shape in zip(f.params, f.shapes):
             p.data = self._poison[f.dtype].expand(shape)
 

@@ -71,4 +71,12 @@ def _make_meta_adapters(model: nn.Module) -> None:
             raise ConfigError([f"tuning.lora: cannot make the adapters {left[:3]} of this model's layers"])
 
 
+class LucLoraTuning(LoraTuning):
+    """LoRA over a base compressed layer by layer: the adapters are LoRA's; the job compresses the base
+    linears beneath them by its LUC policy (tiertune.launch.luc_job), and exports the policy beside them."""
+
+    name = "luc_lora"
+
+
 register(LoraTuning())
+register(LucLoraTuning())
