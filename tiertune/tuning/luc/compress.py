@@ -97,6 +97,25 @@ def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1).flatten(-2)[..., :n]
 
 
+# Byte x -> the int64 whose byte j is bit j of x: one lookup spreads a byte of a bit plane over the eight
+# codes it belongs to, so a plane is unpacked with one gather, one shift and one OR per eight codes.
+_SPREAD = (
+    ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.uint8).contiguous().view(torch.int64)
+)
+_SPREAD_ON: dict[torch.device, torch.Tensor] = {}
+
+
+def _unpack_codes(planes: torch.Tensor, bits: int, plane_bytes: int) -> torch.Tensor:
+    """(out, bits * plane_bytes) bit planes -> (out, plane_bytes * 8) uint8 codes."""
+    spread = _SPREAD_ON.get(planes.device)
+    if spread is None:
+        spread = _SPREAD_ON.setdefault(planes.device, _SPREAD.view(256).to(planes.device))
+    codes = spread[planes[:, :plane_bytes].long()]
+    for b in range(1, bits):
+        codes |= spread[planes[:, b * plane_bytes : (b + 1) * plane_bytes].long()] << b
+    return codes.view(torch.uint8)  # little-endian: byte j of each int64 is code j of its eight
+
+
 def compress(
     weight: torch.Tensor, setting: Setting, group_size: int, meta_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,12 +155,11 @@ def compress(
 def decompress(packed: torch.Tensor, meta: torch.Tensor, lay: Layout, dtype: torch.dtype) -> torch.Tensor:
     """The (out, in) weight in ``dtype`` that (packed, meta) stand for (pruned weights are exactly 0)."""
     out, padded = lay.out_features, lay.groups * lay.group_size
-    codes = torch.zeros(out, padded, dtype=torch.uint8, device=packed.device)
-    for b in range(lay.bits):
-        plane = packed[:, b * lay.plane_bytes : (b + 1) * lay.plane_bytes]
-        codes |= _unpack_bits(plane, padded) << b
+    codes = _unpack_codes(packed, lay.bits, lay.plane_bytes)[:, :padded]
     scale, low = meta.float().unbind(-1)
-    values = codes.view(out, lay.groups, lay.group_size).float() * scale.unsqueeze(-1) + low.unsqueeze(-1)
+    values = torch.addcmul(
+        low.unsqueeze(-1), codes.reshape(out, lay.groups, lay.group_size).float(), scale.unsqueeze(-1)
+    )
     values = values.view(out, padded)[:, : lay.kept]
     if lay.mask_bytes == 0:
         return values.to(dtype)
