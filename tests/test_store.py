@@ -38,6 +38,11 @@ def test_round_trip_striped_over_two_directories(tmp_path):
     store.read(extent, dst.slot).wait()
     assert torch.equal(src.tensor, dst.tensor)
     assert ledger.bytes(Tier.NVME, Kind.OPTIMIZER) == align_up(3 * MIB + 123)
+    store.read(extent, dst.slot).wait()  # the bytes moved are counted per direction and kind
+    assert store.moved_bytes() == {
+        "write": {"optimizer": align_up(3 * MIB + 123)},
+        "read": {"optimizer": 2 * align_up(3 * MIB + 123)},
+    }
     assert all(p.stat().st_size >= 32 * MIB for p in store.paths)  # preallocated up front
     paths = list(store.paths)
     store.close()

@@ -124,6 +124,10 @@ class TrainEngine:
         self._account()
         return report
 
+    def moved_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes the NVMe tier has read and written so far, by kind (none when nothing lives there)."""
+        return {}
+
     def settle(self) -> None:
         """Finish what the last step left pending (the streaming engine's deferred updates), so that a
         checkpoint or an export that follows sees the final weights, and an error here is named as its own."""
@@ -217,6 +221,9 @@ class StreamingEngine(TrainEngine):
 
     def settle(self) -> None:
         self.updater.flush()
+
+    def moved_bytes(self) -> dict[str, dict[str, int]]:
+        return self.store.moved_bytes() if self.store is not None else {}
 
     def _weights(self, flats: list[Flat], masters: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Each parameter of ``flats`` as (name, tensor), read from its home one flat at a time (with

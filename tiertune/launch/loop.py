@@ -276,6 +276,7 @@ def _train_step(
     cfg: JobConfig, engine: TrainEngine, stream: BatchStream, step: int, state: LoopState
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    moved_before = engine.moved_bytes()
     batches = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
     # The step's loss is the mean over every target token of all its micro-batches; each micro-batch
     # contributes sum/targets, so accumulation equals one big batch (up to float summation order).
@@ -307,6 +308,9 @@ def _train_step(
         "tier_bytes": ledger["bytes"],
         "tier_peak_bytes": ledger["peak_bytes"],
     }
+    moved = _delta(engine.moved_bytes(), moved_before)
+    if moved:  # what this step read from and wrote to the NVMe tier, by kind
+        row["nvme_bytes"] = moved
     if report.in_backward is not None:  # block updates made during backward: kept, undone
         row["updates_in_backward"], row["updates_undone"] = report.in_backward, report.undone
     if report.skipped:
@@ -317,6 +321,16 @@ def _train_step(
     if peak_device is not None:
         row["peak_device_bytes"] = peak_device
     return row
+
+
+def _delta(now: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    out = {}
+    for direction, kinds in now.items():
+        moved = {k: n - before.get(direction, {}).get(k, 0) for k, n in kinds.items()}
+        moved = {k: n for k, n in moved.items() if n}
+        if moved:
+            out[direction] = moved
+    return out
 
 
 def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> float | None:

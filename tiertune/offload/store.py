@@ -165,6 +165,8 @@ class NvmeStore:
         self._free: list[tuple[int, list[tuple[int, int, int]]]] = []  # (aligned bytes, stripes) for reuse
         self._used = 0
         self._live: set[int] = set()  # ids of allocated extents
+        # Bytes moved since the store opened, by direction and kind: what a step costs the drive.
+        self.moved: dict[tuple[str, Kind], int] = {}
 
     def _open_one(self, index: int, directory: Path, nbytes: int) -> None:
         if not directory.is_dir():
@@ -281,6 +283,7 @@ class NvmeStore:
         self._check_buffer(extent, buffer)
         futures = [self.io.write(p, buffer) for p in self._pieces(extent)]
         _trace(futures, "nvme write", extent)
+        self._count("write", extent)
 
         def record(crcs: list[int]) -> None:
             extent.checksums = crcs
@@ -294,6 +297,7 @@ class NvmeStore:
         self._check_buffer(extent, buffer)
         futures = [self.io.read(p, buffer) for p in self._pieces(extent)]
         _trace(futures, "nvme read", extent)
+        self._count("read", extent)
 
         def verify(crcs: list[int]) -> None:
             bad = [i for i, (got, want) in enumerate(zip(crcs, extent.checksums)) if got != want]
@@ -305,6 +309,17 @@ class NvmeStore:
                 )
 
         return PendingIO(futures, verify, f"reading {extent.name} from the NVMe store")
+
+    def _count(self, direction: str, extent: Extent) -> None:
+        key = (direction, extent.kind)
+        self.moved[key] = self.moved.get(key, 0) + align_up(extent.nbytes)
+
+    def moved_bytes(self) -> dict[str, dict[str, int]]:
+        """Bytes read and written so far: {"read": {kind: bytes}, "write": {kind: bytes}}."""
+        out: dict[str, dict[str, int]] = {}
+        for (direction, kind), n in self.moved.items():
+            out.setdefault(direction, {})[kind.value] = n
+        return out
 
     def sync(self) -> None:
         """Make every completed write durable (the files' metadata included)."""
