@@ -220,13 +220,13 @@ def test_the_streamed_base_is_stored_and_moved_compressed(tmp_path):
             )
         )
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        read[name] = rows[-1]["nvme_bytes"]["read"]["params"]  # what a step reads of the weights
+        read[name] = rows[-1]["nvme_bytes"]["read"]["frozen params"]  # what a step reads of the base
         return summary.memory["bytes"]["nvme"]["params"]
 
     lora = base_on_nvme("lora", "tuning.method=lora")
     luc = base_on_nvme("luc", *LUC[:2], "tuning.luc.avg_bits=4", "tuning.luc.group_size=128")
-    # and moves them so: a step reads the same blocks either way, compressed in one
-    assert read["luc"] <= luc / lora * read["lora"] * 1.05, (read, luc, lora)
+    # and moves them so: a step reads the same blocks of the base either way, compressed in one
+    assert read["luc"] <= 0.33 * read["lora"], read
     policy = Policy.from_json((tmp_path / "luc" / POLICY_FILE).read_text())
     # The drive holds (and each step reads) the same embedding, head, norms and adapters either way; the
     # layers' linears, 16-bit in one run, take at most 0.3x those bytes in the other: 4-bit codes and two

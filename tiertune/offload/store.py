@@ -52,6 +52,7 @@ class Extent:
     stripes: list[tuple[int, int, int]]  # (file index, file offset, length), in buffer order
     kind: Kind = Kind.OPTIMIZER
     checksums: list[int] | None = field(default=None, repr=False)  # per I/O piece, set by write
+    label: str | None = None  # what the bytes moved are counted as, when not the kind (frozen weights)
 
 
 class PendingIO:
@@ -166,7 +167,7 @@ class NvmeStore:
         self._used = 0
         self._live: set[int] = set()  # ids of allocated extents
         # Bytes moved since the store opened, by direction and kind: what a step costs the drive.
-        self.moved: dict[tuple[str, Kind], int] = {}
+        self.moved: dict[tuple[str, str], int] = {}
 
     def _open_one(self, index: int, directory: Path, nbytes: int) -> None:
         if not directory.is_dir():
@@ -311,14 +312,15 @@ class NvmeStore:
         return PendingIO(futures, verify, f"reading {extent.name} from the NVMe store")
 
     def _count(self, direction: str, extent: Extent) -> None:
-        key = (direction, extent.kind)
+        key = (direction, extent.label or extent.kind.value)
         self.moved[key] = self.moved.get(key, 0) + align_up(extent.nbytes)
 
     def moved_bytes(self) -> dict[str, dict[str, int]]:
-        """Bytes read and written so far: {"read": {kind: bytes}, "write": {kind: bytes}}."""
+        """Bytes read and written so far: {"read": {what: bytes}, "write": {what: bytes}}, where ``what`` is
+        an extent's kind, or its label."""
         out: dict[str, dict[str, int]] = {}
-        for (direction, kind), n in self.moved.items():
-            out.setdefault(direction, {})[kind.value] = n
+        for (direction, what), n in self.moved.items():
+            out.setdefault(direction, {})[what] = n
         return out
 
     def sync(self) -> None:

@@ -198,6 +198,8 @@ class BlockStreamer:
             if self.store is None:
                 raise ValueError("weights homed on NVMe need a store")
             f.extent = self.store.allocate(f"{f.flat.block}#{f.index}", f.nbytes, Kind.PARAMS)
+            if not f.trainable:  # counted apart: a tuned base's traffic is what compression cuts
+                f.extent.label = "frozen params"
             self.store.write(f.extent, f.flat.slot).wait()
             f.flat.buffer = f.flat.slot = None  # the only copy is on the drive now
             self._unpoint(f)
