@@ -14,11 +14,13 @@ import torch.nn.functional as F
 
 from tiertune.config import JobConfig
 from tiertune.launch.data import BatchStream, build_splits
-from tiertune.launch.models import build_model, cast_parameters, load_tokenizer
+from tiertune.launch.models import cast_parameters, load_tokenizer, materialize, skeleton, weight_source
+from tiertune.tuning import get_method
+from tiertune.tuning.depth import controller_of
 
 
 def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Train ``cfg`` (full tuning, CPU) the textbook way; return per-step losses and final weights.
+    """Train ``cfg`` (CPU) the textbook way; return per-step losses and the final trainable weights.
 
     fp32: the for-loop AdamW over the model's weights. bf16 (``train.dtype=bf16``): the usual mixed
     precision, spelled out: the model in bf16, an fp32 master of each weight that fused AdamW updates,
@@ -27,14 +29,20 @@ def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]
     """
     torch.manual_seed(cfg.train.seed)
     tok = load_tokenizer(cfg.model)
-    model = build_model(cfg.model, seed=cfg.train.seed)
+    # The tuning method decides what trains (its modules and hooks are the model's, like peft's adapters).
+    # Built as a job builds it: on the meta device, the method applied, then every weight made from its seed
+    # (LoRA's adapters draw their initial values from the global RNG as they are made).
+    model = get_method(cfg.tuning.method).apply(skeleton(cfg.model), cfg.tuning)
+    materialize(model, weight_source(cfg.model, cfg.train.seed, model))
+    depth = controller_of(model)
     mixed = cfg.train.dtype == "bf16"
     if mixed:
         cast_parameters(model, torch.bfloat16)
     rows = build_splits(cfg.data, tok, cfg.train.seed).train
     stream = BatchStream(rows, cfg.train.micro_batch_size, cfg.train.seed)
     o = cfg.optim
-    params = list(model.parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     masters = [torch.nn.Parameter(p.detach().float()) for p in params] if mixed else params
     decay = [m for m in masters if m.ndim >= 2]
     no_decay = [m for m in masters if m.ndim < 2]
@@ -55,6 +63,8 @@ def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]
 
     losses = []
     for step in range(1, cfg.train.max_steps + 1):
+        if depth is not None:
+            depth.begin_step(step)
         batches = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
         n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         total = 0.0
@@ -70,6 +80,8 @@ def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]
             total += loss.item()
             if mixed:  # the micro-batch's gradients, summed in fp32
                 for p, m in zip(params, masters):
+                    if p.grad is None:  # no gradient this step (another window's adapters): none for AdamW
+                        continue
                     if m.grad is None:
                         m.grad = torch.zeros_like(m)
                     m.grad += p.grad.float()
@@ -84,4 +96,4 @@ def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]
                 for p, m in zip(params, masters):
                     p.copy_(m)
         losses.append(total / n_targets)
-    return losses, {n: m.detach().clone() for (n, _), m in zip(model.named_parameters(), masters)}
+    return losses, {n: m.detach().clone() for (n, _), m in zip(named, masters)}

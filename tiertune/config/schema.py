@@ -152,15 +152,47 @@ class LucConfig:
     )
 
 
+def _layer_counts(v: list[int]) -> str | None:
+    ok = all(e >= 1 for e in v) and v == sorted(set(v))
+    return None if ok else "must be increasing layer counts >= 1, e.g. [2, 4, 6]; [] for every quarter"
+
+
+@dataclass
+class DepthConfig:
+    exits: list[int] = opt(
+        [],
+        "layer counts after which an exit head sits (the model's own head, after the last layer, is always "
+        "the last exit); [] : after each quarter of the layers. Window k = the layers between exits k-1 and k",
+        _layer_counts,
+    )
+    heads: Literal["cloned", "shared"] = opt(
+        "cloned",
+        "cloned: each exit its own trained copy of the final norm and LM head; shared: every exit uses the "
+        "model's final norm and LM head, which then train",
+    )
+    schedule: Literal["round_robin", "random"] = opt(
+        "round_robin", "which window a step trains: in turn, or drawn from tuning.depth.seed"
+    )
+    steps_per_window: int = opt(1, "steps before the schedule moves to the next window", _positive)
+    vote: Literal["max_confidence", "mean_probs"] = opt(
+        "max_confidence",
+        "how the exits answer at evaluation and generation: per token the most confident exit, or the "
+        "average of their distributions",
+    )
+    seed: int = opt(0, "seed of the random schedule", _seed_range)
+
+
 @dataclass
 class TuningConfig:
-    method: Literal["full", "lora", "luc_lora"] = opt(
+    method: Literal["full", "lora", "luc_lora", "depth"] = opt(
         "full",
         "full: train every weight; lora: train adapters only; luc_lora: adapters over a base compressed "
-        "layer by layer (tuning.luc.*), which the offload engine keeps and moves compressed",
+        "layer by layer (tuning.luc.*), which the offload engine keeps and moves compressed; depth: adapters "
+        "trained a window of layers at a time through exit heads that vote at evaluation (tuning.depth.*)",
     )
     lora: LoraConfig = field(default_factory=LoraConfig)
     luc: LucConfig = field(default_factory=LucConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
 
 
 @dataclass

@@ -52,6 +52,7 @@ from tiertune.memory import (
 )
 from tiertune.optim import StepReport, lr_at
 from tiertune.tuning import get_method
+from tiertune.tuning.depth import controller_of
 from tiertune.tuning.luc import Policy, compress_layers
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -125,9 +126,9 @@ def _run(
         model = build_model(cfg.model, seed=cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     check_vocab(model, tokenizer)
-    splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
     method = get_method(cfg.tuning.method)
-    model = method.apply(model, cfg.tuning)
+    model = method.apply(model, cfg.tuning)  # first: LoRA's adapters draw from the seeded global RNG
+    splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
     policy = None
     if uses_luc(cfg):  # the base's linears compressed by a policy measured on the job's own data
         policy = job_policy(cfg, out, splits.train)
@@ -215,6 +216,13 @@ def _train(
                 eval_loss = evaluate(engine, splits, cfg)
                 if eval_loss is not None:
                     row["eval_loss"] = eval_loss
+                exits = _exit_metrics(engine)
+                if exits:  # adaptive depth: each exit's loss and accuracy, and the vote's (= eval_loss)
+                    row["exits"] = exits
+                    say(
+                        f"step {step} eval by exit: "
+                        + ", ".join(f"{n} {m['loss']:.4f}" for n, m in exits.items())
+                    )
             metrics.write(row)
             progress.update(row)
             if cfg.train.checkpoint_every and (last or step % cfg.train.checkpoint_every == 0):
@@ -276,6 +284,9 @@ def _train_step(
     cfg: JobConfig, engine: TrainEngine, stream: BatchStream, step: int, state: LoopState
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    depth = controller_of(engine.model)
+    if depth is not None:  # adaptive depth: the window this step trains
+        depth.begin_step(step)
     moved_before = engine.moved_bytes()
     batches = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
     # The step's loss is the mean over every target token of all its micro-batches; each micro-batch
@@ -339,7 +350,18 @@ def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> float | Non
     targets = sum(count_targets(b["labels"]) for b in batches)
     if not targets:
         return None
-    return sum(engine.eval_loss_sum(b) for b in batches) / targets
+    depth = controller_of(engine.model)
+    total = 0.0
+    for b in batches:
+        total += engine.eval_loss_sum(b)
+        if depth is not None:
+            depth.score(b["labels"])
+    return total / targets
+
+
+def _exit_metrics(engine: TrainEngine) -> dict[str, dict[str, float]] | None:
+    depth = controller_of(engine.model)
+    return depth.metrics() if depth is not None else None
 
 
 def _budget_dict(b: Budgets) -> dict[str, int]:

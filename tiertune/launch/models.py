@@ -23,6 +23,7 @@ from tiertune.config import ModelConfig
 from tiertune.errors import ModelError
 from tiertune.launch.presets import PRESETS
 from tiertune.launch.tokenizer import byte_tokenizer
+from tiertune.tuning.depth import source_name as exit_source_name
 from tiertune.tuning.luc import CompressedSource, has_compressed
 
 log = logging.getLogger(__name__)
@@ -165,10 +166,11 @@ def init_parameter(name: str, tensor: torch.Tensor, seed: int, std: float) -> No
 
 def base_name(name: str) -> str:
     """A parameter's name in the base model, under a peft wrapper too ("base_model.model.<name>", the
-    wrapped linear's own weight under "base_layer"): the name its weights are read or seeded by."""
+    wrapped linear's own weight under "base_layer"), and an adaptive-depth exit head's copy of the final
+    norm or LM head by the original's name: the name its weights are read or seeded by."""
     if name.startswith(PEFT_PREFIX):
         name = name[len(PEFT_PREFIX) :]
-    return name.replace(".base_layer.", ".")
+    return exit_source_name(name.replace(".base_layer.", "."))  # an exit head's copy: from its original
 
 
 def parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
