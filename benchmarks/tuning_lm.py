@@ -12,12 +12,15 @@ in its own process:
 - peft: vanilla peft LoRA, a plain PyTorch loop (HF model + peft + torch.optim.AdamW, fused), resident;
 - lora: tiertune's LoRA with every weight homed on NVMe (offload.params=nvme);
 - luc_lora Nb: LoRA over the base compressed to N average bits (tuning.luc.avg_bits), weights on NVMe;
-- depth: adaptive depth (exits after each quarter of the layers, cloned heads, max-confidence vote),
-  weights on NVMe.
+- depth: adaptive depth (exits after each quarter of the layers, cloned heads, the mean-probability
+  vote), weights on NVMe; "depth, 2 windows": one exit, after half the layers;
+- s2a (side): the side network, activations in 4 bits, weights on NVMe.
 
 Per variant: the median step time (the first two steps warm up), the final eval loss (the vote's, for
-depth) on the same eval batches, peak RSS, and for the tiertune variants the frozen base's bytes read
-from NVMe per step (the metrics' nvme_bytes), with ratios to vanilla peft (bytes: to lora). Goals: LUC at
+depth) on the same eval batches, peak RSS, the activations one micro-batch keeps for backward (saved-tensor
+hooks, each storage once, weights not counted; depth: its first window),
+and for the tiertune variants the frozen base's bytes read from NVMe per step (the metrics' nvme_bytes),
+with ratios to vanilla peft (bytes read: to lora). Goals: LUC at
 4 bits reads at most 0.3x the base's bytes with eval loss within 5%; depth at most 0.5x LoRA's step time
 at comparable loss.
 """
@@ -68,6 +71,58 @@ def train(out: Path, *overrides: str) -> dict:
         "peak_rss": summary["peak_rss_bytes"],
         "exits": rows[-1].get("exits"),
     }
+
+
+def saved_activation_bytes(base: Path, overrides: list[str]) -> int:
+    """Bytes of the activations one training micro-batch keeps for backward, counted with saved-tensor
+    hooks: each storage once, the weights not counted. The model is built as the job builds it (its base
+    resident here: where the weights live does not change what the graph keeps)."""
+    import torch
+
+    from tiertune.config import load_config
+    from tiertune.launch.data import BatchStream, build_splits
+    from tiertune.launch.models import (
+        WEIGHT_DTYPES,
+        cast_parameters,
+        load_tokenizer,
+        materialize,
+        skeleton,
+        weight_source,
+    )
+    from tiertune.tuning import get_method
+    from tiertune.tuning.depth import controller_of
+
+    plain = "tuning.method=peft" in overrides
+    cfg = load_config(
+        None, [f"model.path={base}", *COMMON, *TUNE, *[o for o in overrides if "peft" not in o]]
+    )
+    torch.manual_seed(cfg.train.seed)
+    if plain:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, local_files_only=True)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    else:
+        model = get_method(cfg.tuning.method).apply(skeleton(cfg.model), cfg.tuning)
+        materialize(model, weight_source(cfg.model, cfg.train.seed, model))
+        cast_parameters(model, WEIGHT_DTYPES[cfg.train.dtype])
+        if controller_of(model) is not None:
+            controller_of(model).begin_step(1)  # the first window (windows of equal size keep about as much)
+    batch = BatchStream(build_splits(cfg.data, load_tokenizer(cfg.model), 0).train, 8, 0).next_batch()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in weights:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=batch["input_ids"]).logits.float().logsumexp(-1).mean().backward()
+    return sum(seen.values())
 
 
 def plain_peft(out: Path, base: Path, steps: int) -> None:
@@ -166,28 +221,36 @@ def main() -> None:
     for bits in args.bits:
         variants[f"luc_lora {bits:g}b"] = ["tuning.method=luc_lora", f"tuning.luc.avg_bits={bits}"]
     variants["depth"] = ["tuning.method=depth"]
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    variants["depth, 2 windows"] = ["tuning.method=depth", f"tuning.depth.exits=[{layers // 2}]"]
+    variants["s2a (side)"] = ["tuning.method=s2a"]
     for name, overrides in variants.items():
         print(f"tuning: {name}", flush=True)
         results[name] = train(root / name.replace(" ", "-"), *tune, *overrides)
+    print("measuring saved activations", flush=True)
+    for name, overrides in {"peft (vanilla)": ["tuning.method=peft"], **variants}.items():
+        results[name]["saved"] = saved_activation_bytes(base, overrides)
     ref, lora = results["peft (vanilla)"], results["lora"]
     print(
         f"\n{args.preset}, pretrained {args.pretrain_steps} steps; LoRA r=16, {args.steps} steps of 8 x 128 "
         "tokens, bf16; tiertune's weights on NVMe"
     )
     print(
-        "| variant | step (s) | x peft | eval loss | x peft | peak RSS | x peft | base read / step | x lora |"
+        "| variant | step (s) | x peft | eval loss | x peft | peak RSS | x peft | saved activations | x peft "
+        "| base read / step | x lora |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         read = f"{r['read'] / 2**20:.2f} MiB | {r['read'] / lora['read']:.3f}" if r["read"] else "- | -"
         print(
             f"| {name} | {r['step_s']:.3f} | {r['step_s'] / ref['step_s']:.2f} | {r['eval_loss']:.4f} | "
             f"{r['eval_loss'] / ref['eval_loss']:.3f} | {r['peak_rss'] / 2**20:.0f} MiB | "
-            f"{r['peak_rss'] / ref['peak_rss']:.2f} | {read} |"
+            f"{r['peak_rss'] / ref['peak_rss']:.2f} | {r['saved'] / 2**20:.1f} MiB | "
+            f"{r['saved'] / ref['saved']:.2f} | {read} |"
         )
-    exits = results["depth"].get("exits")
-    if exits:
-        print("depth, eval loss by exit: " + ", ".join(f"{n} {m['loss']:.4f}" for n, m in exits.items()))
+    for name in ("depth", "depth, 2 windows"):
+        exits = results[name].get("exits") or {}
+        print(f"{name}, eval loss by exit: " + ", ".join(f"{n} {m['loss']:.4f}" for n, m in exits.items()))
     (root / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nruns and results in {root}")
 

@@ -112,7 +112,8 @@ def test_evaluation_votes_and_scores_every_exit():
         logits = model(input_ids=ids).logits
     exits = c._exit_logits
     assert len(exits) == 3
-    torch.testing.assert_close(logits, vote(exits, "max_confidence"))
+    assert c.vote == "mean_probs"  # the default
+    torch.testing.assert_close(logits, vote(exits, "mean_probs"))
     labels = ids.clone()
     c.score(labels)
     m = c.metrics()

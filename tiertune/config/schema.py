@@ -175,24 +175,48 @@ class DepthConfig:
     )
     steps_per_window: int = opt(1, "steps before the schedule moves to the next window", _positive)
     vote: Literal["max_confidence", "mean_probs"] = opt(
-        "max_confidence",
-        "how the exits answer at evaluation and generation: per token the most confident exit, or the "
-        "average of their distributions",
+        "mean_probs",
+        "how the exits answer at evaluation and generation: the average of their distributions, or per "
+        "token the most confident exit",
     )
     seed: int = opt(0, "seed of the random schedule", _seed_range)
 
 
+def _s2a_modules(v: list[str]) -> str | None:
+    return None if set(v) <= {"bias", "side"} else "must name activation modules among bias and side"
+
+
+@dataclass
+class S2AConfig:
+    modules: list[str] = opt(
+        ["side"],
+        "what tuning.method=s2a trains instead of the weights: bias (a zero-initialised bias on every "
+        "linear of every layer), side (a narrow side network fed each layer's detached output, added to "
+        "the final hidden state: backward never enters the backbone, the backbone keeps nothing for it)",
+        _s2a_modules,
+    )
+    side_dim: int = opt(64, "width of the side network", _positive)
+    quantize_activations: bool | None = opt(
+        None,
+        "SiLU/GELU and attention's softmax keep 4 bits an element for backward (the forward stays exact); "
+        "default: on for s2a, off for lora, luc_lora and depth, where it can be switched on",
+    )
+
+
 @dataclass
 class TuningConfig:
-    method: Literal["full", "lora", "luc_lora", "depth"] = opt(
+    method: Literal["full", "lora", "luc_lora", "depth", "s2a"] = opt(
         "full",
         "full: train every weight; lora: train adapters only; luc_lora: adapters over a base compressed "
         "layer by layer (tuning.luc.*), which the offload engine keeps and moves compressed; depth: adapters "
-        "trained a window of layers at a time through exit heads that vote at evaluation (tuning.depth.*)",
+        "trained a window of layers at a time through exit heads that vote at evaluation (tuning.depth.*); "
+        "s2a: activation modules instead of the weights, activations kept in 4 bits for backward "
+        "(tuning.s2a.*)",
     )
     lora: LoraConfig = field(default_factory=LoraConfig)
     luc: LucConfig = field(default_factory=LucConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
+    s2a: S2AConfig = field(default_factory=S2AConfig)
 
 
 @dataclass
@@ -357,6 +381,11 @@ class JobConfig:
         problems = []
         if self.model.preset is not None and self.model.path is not None:
             problems.append("model.preset and model.path are both set; set exactly one")
+        if self.tuning.lora.export_merged and self.tuning.method not in ("lora", "luc_lora"):
+            problems.append(
+                f"tuning.lora.export_merged: merges LoRA adapters into the base, which tuning.method="
+                f"{self.tuning.method} does not train; use lora or luc_lora, or drop export_merged"
+            )
         if self.optim.warmup_steps is not None and self.optim.warmup_steps > self.train.max_steps:
             problems.append(
                 f"optim.warmup_steps: {self.optim.warmup_steps} is more than train.max_steps "

@@ -247,7 +247,7 @@ def _train(
         engine.export(method, tokenizer, export_dir)
         if policy is not None:
             write_atomic(export_dir / POLICY_FILE, policy.to_json() + "\n")
-        if cfg.tuning.method != "full" and cfg.tuning.lora.export_merged:
+        if cfg.tuning.lora.export_merged:  # lora or luc_lora (the config refuses it elsewhere)
             say(
                 f"merging the adapters into the base: {write_merged(cfg, engine.model, tokenizer, export_dir / MERGED_DIR)}"
             )

@@ -38,6 +38,10 @@ class LoraTuning:
                 [f"tuning.lora.target_modules: {targets!r} does not fit this model: {e}"]
             ) from None
         _make_meta_adapters(model)
+        if cfg.s2a.quantize_activations:  # S2A's 4-bit activations, composed with LoRA
+            from tiertune.tuning.s2a import quantize_activations
+
+            quantize_activations(model)
         return model
 
     def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:

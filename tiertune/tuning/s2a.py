@@ -1,0 +1,301 @@
+"""S2A in models: the 4-bit activation ops wired into Llama-family and BERT layers, and the activation
+modules (``bias``, ``side``) as the ``s2a`` tuning method.
+
+``tuning.s2a.quantize_activations`` (with ``tuning.method`` ``s2a``, ``lora`` or ``luc_lora``) makes the
+non-parametric ops keep 4 bits an element for backward:
+
+- the MLP activation (Llama's SiLU ``mlp.act_fn``, BERT's GELU ``intermediate.intermediate_act_fn``) is
+  replaced by a module calling :func:`tiertune.tuning.actquant.silu` / ``gelu`` while autograd records
+  (exact otherwise: evaluation and generation compute with the exact op, and so does the forward);
+- attention runs through the attention function registered as ``tiertune_s2a``: one op
+  (:class:`_Attention`) computes ``softmax(q k^T * scaling + mask) @ V`` and keeps q, k, v as they came
+  (key/value heads not repeated) and the probabilities in 4 bits.
+
+The activation modules train instead of the weights (``tuning.method=s2a``, ``tuning.s2a.modules``):
+
+- ``bias``: a trainable bias, zero at first, on the output of every linear of every layer;
+- ``side``: a side network beside the backbone: each layer's output, detached, is projected down to
+  ``tuning.s2a.side_dim``; the side state runs through one small gated layer per backbone layer; its
+  projection back up (zero at first) is added to the final hidden state before the final norm. Backward
+  never enters the backbone, so the backbone saves nothing at all.
+
+The modules' parameters are made real when the method is applied (like LoRA's adapters), so the offload
+engine streams the frozen base around them unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from tiertune.config import TuningConfig
+from tiertune.errors import ConfigError
+from tiertune.tuning import actquant
+from tiertune.tuning.registry import register
+
+ATTENTION = "tiertune_s2a"
+MODULES_FILE = "s2a_modules.safetensors"
+
+
+# -- the fused softmax @ V --------------------------------------------------------------------------------
+
+
+class _Attention(torch.autograd.Function):
+    """``softmax(q k^T * scaling + mask) @ v`` with grouped key/value heads, saving q, k and v as they come
+    (not repeated per query head) and the probabilities in 4 bits (per-row scale): backward rebuilds the
+    probabilities from their codes. A softmax op alone would save 4 bits, but the matmul after it would
+    keep the full probabilities again for V's gradient; fused, they are kept once, in 4 bits."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scaling):  # noqa: ANN001, ANN205 (autograd's signature)
+        groups = q.shape[1] // k.shape[1]
+        kr, vr = (k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)) if groups > 1 else (k, v)
+        scores = (q.float() @ kr.float().transpose(-1, -2)) * scaling
+        if mask is not None:
+            scores = scores + mask
+        p = torch.softmax(scores, dim=-1)
+        scale = p.amax(dim=-1, keepdim=True)
+        codes = torch.round(p / scale * (actquant.LEVELS - 1)).to(torch.uint8)
+        ctx.groups, ctx.scaling, ctx.shape = groups, scaling, p.shape
+        ctx.save_for_backward(q, k, v, actquant.pack4(codes), scale)
+        return (p.to(v.dtype) @ vr).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        q, k, v, packed, scale = ctx.saved_tensors
+        g = ctx.groups
+        kr, vr = (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) if g > 1 else (k, v)
+        p = actquant.unpack4(packed, scale.numel() * ctx.shape[-1]).view(ctx.shape).float()
+        p = p * (scale / (actquant.LEVELS - 1))
+        go = grad.float()
+        dv = p.transpose(-1, -2) @ go
+        dp = go @ vr.float().transpose(-1, -2)
+        ds = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * ctx.scaling
+        dq = ds @ kr.float()
+        dk = ds.transpose(-1, -2) @ q.float()
+        if g > 1:  # each key/value head served ``g`` query heads: their gradients add up
+            b, h, t, d = dk.shape
+            dk = dk.view(b, h // g, g, t, d).sum(2)
+            dv = dv.view(b, h // g, g, t, dv.shape[-1]).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+def s2a_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention as eager attention computes it (grouped key/value heads, an additive float mask), through
+    :class:`_Attention` while autograd records. Attention dropout is not supported."""
+    if dropout and module.training:
+        raise ConfigError(
+            ["tuning.s2a.quantize_activations: attention dropout is not supported; set it to 0"]
+        )
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[..., : key.shape[-2]]
+        if mask.dtype == torch.bool:  # True: attend
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+                ~mask, torch.finfo(torch.float32).min
+            )
+        mask = mask.float()
+    out = _Attention.apply(query, key, value, mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    """``tiertune_s2a`` as an attention implementation, with eager attention's additive float masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION, s2a_attention)
+    AttentionMaskInterface.register(ATTENTION, eager_mask)
+
+
+# -- activations ------------------------------------------------------------------------------------------
+
+
+class QuantizedActivation(nn.Module):
+    """SiLU or GELU that saves a 4-bit interval index for backward when autograd records."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.exact: Callable[[torch.Tensor], torch.Tensor] = F.silu if name == "silu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return actquant.silu(x) if self.name == "silu" else actquant.gelu(x)
+        return self.exact(x)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, 4-bit for backward"
+
+
+def _activation_name(act: nn.Module) -> str | None:
+    name = type(act).__name__.lower()
+    if "silu" in name or "swish" in name:
+        return "silu"
+    if name in ("geluactivation", "gelu") and getattr(act, "approximate", "none") == "none":
+        return "gelu"
+    return None
+
+
+def quantize_activations(model: nn.Module) -> nn.Module:
+    """Wire the 4-bit ops into ``model`` (in place): every MLP activation the tables cover and the
+    attention function. Raises ConfigError where the model has neither."""
+    replaced = 0
+    for module in model.modules():
+        for attr in ("act_fn", "intermediate_act_fn"):
+            act = getattr(module, attr, None)
+            if isinstance(act, nn.Module) and (name := _activation_name(act)) is not None:
+                setattr(module, attr, QuantizedActivation(name))
+                replaced += 1
+    config = getattr(model, "config", None)
+    if replaced == 0 or config is None:
+        raise ConfigError(
+            [
+                "tuning.s2a.quantize_activations: this model has no SiLU or exact-GELU MLP activation to quantize"
+            ]
+        )
+    _register_attention()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config._attn_implementation = ATTENTION
+    return model
+
+
+# -- the activation modules ------------------------------------------------------------------------------
+
+
+class SideLayer(nn.Module):
+    """One layer of the side network, kept inside its backbone layer (so it streams with it): the layer's
+    output, detached, projected down and added to the side state, then a gated step."""
+
+    def __init__(self, hidden: int, width: int, side: SideState, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.down = nn.Parameter(torch.empty(hidden, width, dtype=dtype))
+        self.gate = nn.Parameter(torch.empty(width, width, dtype=dtype))
+        for w, fan_in in ((self.down, hidden), (self.gate, width)):
+            nn.init.uniform_(w, -(fan_in**-0.5), fan_in**-0.5)
+        self._side = [side]  # a list: shared, not a submodule
+
+    def forward(self, hidden: torch.Tensor) -> None:
+        side = self._side[0]
+        x = hidden.detach().to(self.down.dtype) @ self.down  # backward stops here: never into the backbone
+        s = x if side.state is None else side.state + x
+        side.state = s + F.silu(s @ self.gate)
+
+
+class SideOutput(nn.Module):
+    """The side network's way back: its state projected up (zero at first) and added to the final hidden
+    state, before the final norm (this module lives beside that norm, in the head block)."""
+
+    def __init__(self, hidden: int, width: int, side: SideState, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.up = nn.Parameter(torch.zeros(width, hidden, dtype=dtype))
+        self._side = [side]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        side = self._side[0]
+        state, side.state = side.state, None
+        return hidden if state is None else hidden + (state @ self.up).to(hidden.dtype)
+
+
+class SideState:
+    """The side network's running state within one forward."""
+
+    state: torch.Tensor | None = None
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    from tiertune.offload.blocks import find_blocks
+
+    names = [b.name for b in find_blocks(model) if b.kind == "layer"]
+    parent = names[0].rsplit(".", 1)[0]
+    return model.get_submodule(parent)
+
+
+def _linears(layer: nn.Module) -> list[nn.Linear]:
+    return [m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and "lora_" not in n]
+
+
+class S2ATuning:
+    name = "s2a"
+
+    def apply(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
+        s = cfg.s2a
+        if not s.modules:
+            raise ConfigError(["tuning.s2a.modules: name at least one of bias, side"])
+        model.requires_grad_(False)
+        layers = _layers(model)
+        dtype = next(p.dtype for p in model.parameters())
+        if "bias" in s.modules:
+            for layer in layers:
+                for linear in _linears(layer):
+                    linear.s2a_bias = nn.Parameter(torch.zeros(linear.out_features, dtype=dtype))
+                    linear.register_forward_hook(_add_bias)
+        if "side" in s.modules:
+            hidden, state = model.config.hidden_size, SideState()
+            for layer in layers:
+                layer.s2a_side = SideLayer(hidden, s.side_dim, state, dtype)
+                layer.register_forward_hook(_feed_side)
+            norm = _final_norm(model)
+            norm.s2a_side = SideOutput(hidden, s.side_dim, state, dtype)
+            norm.register_forward_pre_hook(lambda m, args: (m.s2a_side(args[0]), *args[1:]))
+        if s.quantize_activations is not False:  # on unless switched off
+            quantize_activations(model)
+        return model
+
+    def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
+        """The trained modules' weights (``s2a_modules.safetensors``) and the tokenizer: apply the same
+        ``tuning.s2a`` to the base model, then :func:`load_modules`."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad
+        }
+        save_file(tensors, str(directory / MODULES_FILE))
+        tokenizer.save_pretrained(directory)
+
+
+def load_modules(model: nn.Module, directory: Path) -> None:
+    """Load exported activation modules into a model the same ``tuning.s2a`` was applied to."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(directory) / MODULES_FILE))
+    _, unexpected = model.load_state_dict(saved, strict=False)
+    if unexpected:
+        raise ConfigError([f"{directory}: {unexpected[:3]} do not fit this model's activation modules"])
+
+
+def _add_bias(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + module.s2a_bias.to(output.dtype)
+
+
+def _feed_side(layer: nn.Module, args: tuple, output: object) -> None:
+    layer.s2a_side(output[0] if isinstance(output, tuple) else output)
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for path in ("model.norm", "transformer.ln_f", "norm"):
+        try:
+            return base.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ConfigError(["tuning.s2a.modules: side needs a final norm after the layers (model.norm)"])
+
+
+register(S2ATuning())
