@@ -200,3 +200,33 @@ def test_s2a_trains_its_modules_the_same_resident_and_from_nvme_and_exports_them
         ids = torch.tensor([[1, 2, 3]])
         tuned, plain = model(input_ids=ids).logits, base(input_ids=ids).logits
     assert torch.isfinite(tuned).all() and (tuned - plain).abs().max() > 1e-3  # the modules act
+
+
+def test_8bit_lora_inputs_keep_one_byte_copy_and_grads_within_their_bound():
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    exact, quant = _model("tuning.method=lora"), _model("tuning.method=lora", "tuning.s2a.lora_input_bits=8")
+    from tiertune.tuning.s2a import Int8InputLinear
+
+    assert sum(isinstance(m, Int8InputLinear) for m in quant.modules()) == 4 * 7  # every lora_A
+    bytes_exact, loss_exact = _saved_bytes(exact, ids)
+    bytes_quant, loss_quant = _saved_bytes(quant, ids)
+    assert loss_quant == loss_exact  # the forward is untouched
+    # tiny-llama: the adapters' fp32 inputs (each layer: the attention's and the MLP's normed input, read by
+    # 3 and 2 adapters, o_proj's and down_proj's) become one byte an element plus a scale a row
+    assert bytes_quant < bytes_exact - 0.7 * 4 * 2 * 64 * (256 + 256 + 256 + 688) * 3, (
+        bytes_quant,
+        bytes_exact,
+    )
+    # lora_B is 0 at first, so lora_A gets no gradient: give B values and compare A's gradients
+    for m in (exact, quant):
+        torch.manual_seed(1)
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.02)
+            p.grad = None
+        m(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    got = dict(quant.named_parameters())
+    for n, p in exact.named_parameters():
+        if "lora_A" in n:  # each input element off by at most half a step (absmax / 254) of its row
+            rel = (got[n].grad - p.grad).norm() / p.grad.norm()
+            assert 0 < rel < 0.02, (n, rel)

@@ -196,6 +196,11 @@ class S2AConfig:
         _s2a_modules,
     )
     side_dim: int = opt(64, "width of the side network", _positive)
+    lora_input_bits: int = opt(
+        16,
+        "8: LoRA's A linears keep their inputs in 8 bits for backward (lora, luc_lora, depth)",
+        lambda v: None if v in (8, 16) else "must be 16 (as they come) or 8",
+    )
     quantize_activations: bool | None = opt(
         None,
         "SiLU/GELU and attention's softmax keep 4 bits an element for backward (the forward stays exact); "

@@ -42,6 +42,10 @@ class LoraTuning:
             from tiertune.tuning.s2a import quantize_activations
 
             quantize_activations(model)
+        if cfg.s2a.lora_input_bits == 8:  # and the adapters' inputs kept in 8 bits
+            from tiertune.tuning.s2a import int8_lora_inputs
+
+            int8_lora_inputs(model)
         return model
 
     def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:

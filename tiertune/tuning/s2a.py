@@ -19,6 +19,10 @@ The activation modules train instead of the weights (``tuning.method=s2a``, ``tu
   projection back up (zero at first) is added to the final hidden state before the final norm. Backward
   never enters the backbone, so the backbone saves nothing at all.
 
+``tuning.s2a.lora_input_bits=8`` (with ``lora``, ``luc_lora`` or ``depth``) keeps the inputs LoRA's
+``lora_A`` linears save for their weights' gradient in 8 bits (:class:`Int8InputLinear`), one copy per
+input however many adapters read it.
+
 The modules' parameters are made real when the method is applied (like LoRA's adapters), so the offload
 engine streams the frozen base around them unchanged.
 """
@@ -173,6 +177,75 @@ def quantize_activations(model: nn.Module) -> nn.Module:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config._attn_implementation = ATTENTION
     return model
+
+
+# -- 8-bit inputs for LoRA's linears ---------------------------------------------------------------------
+
+
+class _Int8Input(torch.autograd.Function):
+    """``x @ w^T`` keeping ``x`` for ``w``'s gradient in 8 bits (per-row absmax scale). Several adapters
+    reading one input (q, k and v) share one 8-bit copy (:class:`_LastInput`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cache):  # noqa: ANN001, ANN205
+        codes, scale = cache.quantized(x)
+        ctx.save_for_backward(codes, scale, weight)
+        ctx.x_dtype = x.dtype
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        codes, scale, weight = ctx.saved_tensors
+        x = (codes.float() * scale).to(ctx.x_dtype)
+        gx = grad @ weight.to(grad.dtype)
+        gw = grad.reshape(-1, grad.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+        return gx, gw.to(weight.dtype), None
+
+
+class _LastInput:
+    """The 8-bit copy of the last input quantized: consecutive adapters over the same tensor reuse it."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (x.data_ptr(), x._version, tuple(x.shape), x.dtype)
+        if key != self.key:
+            scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-30) / 127
+            codes = torch.round(x.detach().float() / scale).to(torch.int8)
+            self.key, self.value = key, (codes, scale)
+        return self.value
+
+
+class Int8InputLinear(nn.Linear):
+    """LoRA's ``lora_A``, keeping its input in 8 bits for backward (its weight: the same parameter)."""
+
+    cache: _LastInput | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and self.weight.requires_grad):
+            return F.linear(x, self.weight)
+        return _Int8Input.apply(x, self.weight, self.cache)
+
+
+def int8_lora_inputs(model: nn.Module) -> int:
+    """Make every LoRA ``lora_A`` linear of ``model`` keep its input in 8 bits; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    cache, count = _LastInput(), 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name, linear in list(module.lora_A.items()):
+            if type(linear) is not nn.Linear or linear.bias is not None:
+                continue
+            made = Int8InputLinear(linear.in_features, linear.out_features, bias=False, device="meta")
+            made.weight = linear.weight  # the same parameter: names, optimizer and checkpoints unchanged
+            made.cache = cache
+            module.lora_A[name] = made
+            count += 1
+    return count
 
 
 # -- the activation modules ------------------------------------------------------------------------------
