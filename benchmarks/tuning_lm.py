@@ -36,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from _tuning import REPO, peak_rss, saved_bytes, tiertune  # benchmarks/, the script's own directory
+
 COMMON = [
     "data.path=builtin:arithmetic",
     "data.seq_len=128",
@@ -49,12 +50,6 @@ COMMON = [
     "train.eval_exact_match_samples=0",
 ]
 TUNE = ["optim.lr=2e-3", "tuning.lora.r=16", "tuning.lora.alpha=32"]
-
-
-def tiertune(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "tiertune", *args], cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"tiertune {' '.join(args)} failed:\n{done.stderr[-3000:]}")
 
 
 def train(out: Path, *overrides: str) -> dict:
@@ -110,19 +105,9 @@ def saved_activation_bytes(base: Path, overrides: list[str]) -> int:
         if controller_of(model) is not None:
             controller_of(model).begin_step(1)  # the first window (windows of equal size keep about as much)
     batch = BatchStream(build_splits(cfg.data, load_tokenizer(cfg.model), 0).train, 8, 0).next_batch()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage().data_ptr()
-        if key not in weights:
-            seen[key] = t.untyped_storage().nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=batch["input_ids"]).logits.float().logsumexp(-1).mean().backward()
-    return sum(seen.values())
+    return saved_bytes(
+        model, lambda: model(input_ids=batch["input_ids"]).logits.float().logsumexp(-1).mean().backward()
+    )
 
 
 def plain_peft(out: Path, base: Path, steps: int) -> None:
@@ -174,16 +159,10 @@ def plain_peft(out: Path, base: Path, steps: int) -> None:
         "read": 0,
         "step_s": statistics.median(times[2:]),
         "eval_loss": total / targets,
-        "peak_rss": _peak_rss(),
+        "peak_rss": peak_rss(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result))
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:

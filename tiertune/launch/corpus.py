@@ -13,10 +13,12 @@ _MAX_REPORTED = 5
 
 @dataclass(frozen=True)
 class Example:
-    """One training example. With a prompt, the loss is on the completion only."""
+    """One training example. With a prompt, the loss is on the completion only. With a label, it is a
+    classification example: ``completion`` is the text to classify."""
 
     completion: str
     prompt: str | None = None
+    label: str | None = None
 
 
 def read_examples(path: str | Path, fmt: str = "auto") -> list[Example]:
@@ -58,7 +60,7 @@ def _parse_jsonl(text: str, path: Path) -> list[Example]:
         more = f"\n  ... and {len(problems) - _MAX_REPORTED} more" if len(problems) > _MAX_REPORTED else ""
         raise DataError(
             f"{len(problems)} bad row(s) in {str(path)!r}; each row must be a JSON object with "
-            "a string 'text', or string 'prompt' and 'completion':\n  "
+            "a string 'text' (and a 'label' to classify it by), or string 'prompt' and 'completion':\n  "
             + "\n  ".join(problems[:_MAX_REPORTED])
             + more
         )
@@ -75,8 +77,11 @@ def _row_to_example(row: object) -> tuple[Example | None, str | None]:
         if not completion:
             return None, "'completion' is empty: there is nothing to learn from this row"
         return Example(prompt=prompt, completion=completion), None
+    label = row.get("label")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+        return None, f"'label' must be a string or an integer, got {json.dumps(label)}"
     if isinstance(row.get("text"), str) and row["text"]:
-        return Example(completion=row["text"]), None
+        return Example(completion=row["text"], label=None if label is None else str(label)), None
     return None, f"no 'text' or 'prompt'/'completion' (keys: {', '.join(map(str, row)) or 'none'})"
 
 

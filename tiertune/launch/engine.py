@@ -53,19 +53,28 @@ class Updater(Protocol):
     def load(self, directory: Path) -> None: ...
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the tokens whose label is not IGNORE_INDEX.
+def _targets(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels as [n, classes] and [n]: next-token prediction for [rows, seq_len] labels (the
+    logits at t predict the label at t + 1), one class per row for [rows] labels."""
+    if labels.ndim == 1:
+        return logits.float(), labels
+    return logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
 
-    A sum, not a mean: the loop divides by the target tokens of the whole optimizer step, so the
-    gradient is the same however the step is split into micro-batches.
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the targets whose label is not IGNORE_INDEX: the next tokens of a
+    causal LM's [rows, seq_len] labels, or the classes of a classifier's [rows] labels.
+
+    A sum, not a mean: the loop divides by the targets of the whole optimizer step, so the gradient is
+    the same however the step is split into micro-batches.
     """
-    vocab = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, vocab),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    return F.cross_entropy(*_targets(logits, labels), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """Targets whose label is the argmax of the logits (next tokens, or classes)."""
+    flat_logits, flat_labels = _targets(logits, labels)
+    return int((flat_logits.argmax(-1) == flat_labels).sum())
 
 
 class TrainEngine:
@@ -97,12 +106,19 @@ class TrainEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        input_ids = batch["input_ids"].to(self.device, non_blocking=True)
+    def _logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's logits on ``batch`` (with its attention mask, if it has one), and its labels."""
+        inputs = {
+            k: batch[k].to(self.device, non_blocking=True)
+            for k in ("input_ids", "attention_mask")
+            if k in batch
+        }
         labels = batch["labels"].to(self.device, non_blocking=True)
         with self._autocast():
-            logits = self.model(input_ids=input_ids).logits
-        return causal_lm_loss_sum(logits, labels)
+            return self.model(**inputs).logits, labels
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return loss_sum(*self._logits(batch))
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], step_targets: int, step_lr: float | None = None
@@ -133,9 +149,11 @@ class TrainEngine:
         checkpoint or an export that follows sees the final weights, and an error here is named as its own."""
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch: dict[str, torch.Tensor]) -> float:
+    def eval_sums(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+        """The loss sum over ``batch``'s targets and how many of them the argmax predicts (eval mode)."""
         self.model.eval()
-        return float(self._loss_sum(batch))
+        logits, labels = self._logits(batch)
+        return float(loss_sum(logits, labels)), correct_count(logits, labels)
 
     def trainable(self) -> dict[str, torch.Tensor]:
         """What the optimizer updates, by parameter name: the trainable weights, or their fp32 masters."""

@@ -35,6 +35,7 @@ from tiertune.launch.models import (
     describe,
     has_safetensors,
     load_tokenizer,
+    model_dir,
     skeleton,
     weights_fingerprint,
 )
@@ -61,6 +62,7 @@ StepCallback = Callable[[dict[str, Any]], None]
 @dataclass
 class Summary:
     output_dir: str
+    task: str  # model.task
     steps: int
     resumed_from_step: int
     tokens_seen: int
@@ -68,6 +70,7 @@ class Summary:
     first_loss: float | None
     final_loss: float | None
     eval_loss: float | None
+    eval_accuracy: float | None  # classifiers: share of eval rows labelled right; LMs: of next tokens
     exact_match: dict[str, Any] | None
     peak_rss_bytes: int
     peak_device_bytes: int | None
@@ -117,7 +120,8 @@ def _run(
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    if cfg.model.path is None or has_safetensors(cfg.model.path):
+    directory = model_dir(cfg.model.path)
+    if directory is None or has_safetensors(directory):
         # Parameters on the meta device: the engine makes each block where the plan puts it (from the seed
         # or read from the model's safetensors files), so a model larger than memory never exists whole.
         # LoRA's adapters are made when they are added (tiertune.tuning.lora).
@@ -128,7 +132,7 @@ def _run(
     check_vocab(model, tokenizer)
     method = get_method(cfg.tuning.method)
     model = method.apply(model, cfg.tuning)  # first: LoRA's adapters draw from the seeded global RNG
-    splits = build_splits(cfg.data, tokenizer, cfg.train.seed)
+    splits = build_splits(cfg.data, tokenizer, cfg.train.seed, labels=_class_names(cfg))
     policy = None
     if uses_luc(cfg):  # the base's linears compressed by a policy measured on the job's own data
         policy = job_policy(cfg, out, splits.train)
@@ -207,15 +211,15 @@ def _train(
     stream = BatchStream(splits.train, cfg.train.micro_batch_size, cfg.train.seed, state.data_position)
     metrics = MetricsLog(out / "metrics.jsonl", resumed_step)
     progress = Progress(cfg.train.progress, cfg.train.max_steps, state.step, cfg.train.log_every)
-    eval_loss = None
+    eval_loss = eval_accuracy = None
     try:
         for step in range(state.step + 1, cfg.train.max_steps + 1):
             row = _train_step(cfg, engine, stream, step, state)
             last = step == cfg.train.max_steps
             if last or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-                eval_loss = evaluate(engine, splits, cfg)
+                eval_loss, eval_accuracy = evaluate(engine, splits, cfg)
                 if eval_loss is not None:
-                    row["eval_loss"] = eval_loss
+                    row["eval_loss"], row["eval_accuracy"] = eval_loss, eval_accuracy
                 exits = _exit_metrics(engine)
                 if exits:  # adaptive depth: each exit's loss and accuracy, and the vote's (= eval_loss)
                     row["exits"] = exits
@@ -235,7 +239,7 @@ def _train(
         metrics.close()
 
     if resumed_step == cfg.train.max_steps:  # nothing left to train: report the checkpoint's eval loss
-        eval_loss = evaluate(engine, splits, cfg)
+        eval_loss, eval_accuracy = evaluate(engine, splits, cfg)
     em = (
         exact_match(engine.model, tokenizer, splits.eval_examples, cfg.train.eval_exact_match_samples, device)
         if cfg.train.eval_exact_match_samples
@@ -259,6 +263,7 @@ def _train(
     write_loss_svg(rows, out / "loss.svg", f"{describe(cfg.model)} / {cfg.tuning.method}")
     summary = Summary(
         output_dir=str(out),
+        task=cfg.model.task,
         steps=state.step,
         resumed_from_step=resumed_step,
         tokens_seen=state.tokens_seen,
@@ -266,6 +271,7 @@ def _train(
         first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
         eval_loss=eval_loss,
+        eval_accuracy=eval_accuracy,
         exact_match=em,
         peak_rss_bytes=peak_rss_bytes(),
         peak_device_bytes=device_peak_bytes(device),
@@ -344,19 +350,28 @@ def _delta(now: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) ->
     return out
 
 
-def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> float | None:
-    """Token-mean loss over the eval split (``train.eval_max_batches`` batches at most); None if empty."""
+def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> tuple[float | None, float | None]:
+    """Mean loss and accuracy over the eval split's targets (tokens, or classified rows), from
+    ``train.eval_max_batches`` batches at most; (None, None) if it has none."""
     batches = eval_batches(splits.eval, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
     targets = sum(count_targets(b["labels"]) for b in batches)
     if not targets:
-        return None
+        return None, None
     depth = controller_of(engine.model)
-    total = 0.0
+    total, correct = 0.0, 0
     for b in batches:
-        total += engine.eval_loss_sum(b)
+        loss, right = engine.eval_sums(b)
+        total, correct = total + loss, correct + right
         if depth is not None:
             depth.score(b["labels"])
-    return total / targets
+    return total / targets, correct / targets
+
+
+def _class_names(cfg: JobConfig) -> list[str] | None:
+    """A classifier's labels (the config resolved them from the dataset if it named none)."""
+    if cfg.model.task != "sequence_classification":
+        return None
+    return cfg.model.labels
 
 
 def _exit_metrics(engine: TrainEngine) -> dict[str, dict[str, float]] | None:
@@ -377,7 +392,8 @@ def format_summary(s: Summary) -> str:
     if s.first_loss is not None:
         lines.append(f"  train loss {s.first_loss:.4f} (first step) -> {s.final_loss:.4f} (last step)")
     if s.eval_loss is not None:
-        lines.append(f"  eval loss  {s.eval_loss:.4f}")
+        what = "held-out texts classified" if s.task == "sequence_classification" else "next tokens"
+        lines.append(f"  eval loss  {s.eval_loss:.4f}, accuracy {s.eval_accuracy:.2%} ({what})")
     if s.exact_match:
         lines.append(
             f"  exact-match answers {s.exact_match['correct']}/{s.exact_match['total']} held-out prompts"

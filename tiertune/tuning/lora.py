@@ -16,7 +16,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from tiertune.config import TuningConfig
 from tiertune.errors import ConfigError
-from tiertune.tuning.registry import register, save_pretrained_with_tokenizer
+from tiertune.tuning.registry import classification_head, register, save_pretrained_with_tokenizer
 
 
 class LoraTuning:
@@ -29,7 +29,7 @@ class LoraTuning:
             lora_alpha=cfg.lora.alpha,
             lora_dropout=cfg.lora.dropout,
             target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-            task_type="CAUSAL_LM",
+            task_type=peft_task_type(model),
         )
         try:
             model = get_peft_model(model, peft_cfg)
@@ -50,6 +50,15 @@ class LoraTuning:
 
     def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
         save_pretrained_with_tokenizer(model, tokenizer, directory)
+
+
+def peft_task_type(model: nn.Module) -> str:
+    """peft's task type for ``model``: a sequence classifier's head (``classifier``/``score``, new over a
+    pretrained base) then trains whole beside the adapters and is saved with them (peft's
+    ``modules_to_save``)."""
+    if classification_head(model) is not None:
+        return "SEQ_CLS"
+    return "CAUSAL_LM"
 
 
 ADAPTER_DICTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")

@@ -44,6 +44,18 @@ def get_method(name: str) -> TuningMethod:
     return METHODS[name]
 
 
+def classification_head(model: nn.Module) -> nn.Module | None:
+    """A sequence classifier's head (``classifier``, ``score``): new over a pretrained base, so it trains
+    whatever the tuning method; None for other models."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not type(base).__name__.endswith("ForSequenceClassification"):
+        return None
+    for name in ("classifier", "score"):
+        if isinstance(getattr(base, name, None), nn.Module):
+            return getattr(base, name)
+    return None
+
+
 def save_pretrained_with_tokenizer(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path
 ) -> None:

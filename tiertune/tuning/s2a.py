@@ -40,7 +40,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from tiertune.config import TuningConfig
 from tiertune.errors import ConfigError
 from tiertune.tuning import actquant
-from tiertune.tuning.registry import register
+from tiertune.tuning.registry import classification_head, register
 
 ATTENTION = "tiertune_s2a"
 MODULES_FILE = "s2a_modules.safetensors"
@@ -103,7 +103,7 @@ def s2a_attention(
     :class:`_Attention` while autograd records. Attention dropout is not supported."""
     if dropout and module.training:
         raise ConfigError(
-            ["tuning.s2a.quantize_activations: attention dropout is not supported; set it to 0"]
+            ["tuning.s2a.quantize_activations: attention dropout is not supported; set model.dropout=0"]
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     mask = None
@@ -173,10 +173,21 @@ def quantize_activations(model: nn.Module) -> nn.Module:
                 "tuning.s2a.quantize_activations: this model has no SiLU or exact-GELU MLP activation to quantize"
             ]
         )
+    dropout = {k: getattr(config, k, 0.0) for k in ATTENTION_DROPOUT_KEYS}
+    if any(dropout.values()):
+        raise ConfigError(
+            [
+                f"tuning.s2a.quantize_activations: the model's attention dropout ({dropout}) is not supported "
+                "with the 4-bit softmax; set model.dropout=0, or quantize_activations=false"
+            ]
+        )
     _register_attention()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config._attn_implementation = ATTENTION
     return model
+
+
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
 # -- 8-bit inputs for LoRA's linears ---------------------------------------------------------------------
@@ -311,6 +322,9 @@ class S2ATuning:
         if not s.modules:
             raise ConfigError(["tuning.s2a.modules: name at least one of bias, side"])
         model.requires_grad_(False)
+        head = classification_head(model)
+        if head is not None:  # a classifier's head is new: it trains with the modules
+            head.requires_grad_(True)
         layers = _layers(model)
         dtype = next(p.dtype for p in model.parameters())
         if "bias" in s.modules:
@@ -323,7 +337,7 @@ class S2ATuning:
             for layer in layers:
                 layer.s2a_side = SideLayer(hidden, s.side_dim, state, dtype)
                 layer.register_forward_hook(_feed_side)
-            norm = _final_norm(model)
+            norm = _side_exit(model)
             norm.s2a_side = SideOutput(hidden, s.side_dim, state, dtype)
             norm.register_forward_pre_hook(lambda m, args: (m.s2a_side(args[0]), *args[1:]))
         if s.quantize_activations is not False:  # on unless switched off
@@ -361,14 +375,18 @@ def _feed_side(layer: nn.Module, args: tuple, output: object) -> None:
     layer.s2a_side(output[0] if isinstance(output, tuple) else output)
 
 
-def _final_norm(model: nn.Module) -> nn.Module:
+def _side_exit(model: nn.Module) -> nn.Module:
+    """The module that takes the last layer's hidden state: the final norm (Llama, GPT-2), or a BERT
+    classifier's pooler (post-norm layers: no final norm)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for path in ("model.norm", "transformer.ln_f", "norm"):
-        try:
-            return base.get_submodule(path)
-        except AttributeError:
-            continue
-    raise ConfigError(["tuning.s2a.modules: side needs a final norm after the layers (model.norm)"])
+    inner = getattr(base, getattr(base, "base_model_prefix", ""), None) or base
+    for name in ("norm", "ln_f", "final_layer_norm", "pooler"):
+        module = getattr(inner, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ConfigError(
+        ["tuning.s2a.modules: side needs a final norm (or a classifier's pooler) after the layers"]
+    )
 
 
 register(S2ATuning())

@@ -1,0 +1,43 @@
+"""What the tuning benchmarks share: running a job in its own process, peak RSS, and counting the
+activations a training micro-batch keeps for backward."""
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiertune(*args: str) -> None:
+    """``tiertune ARGS`` in a process of its own; exits with its stderr's tail if it fails."""
+    done = subprocess.run([sys.executable, "-m", "tiertune", *args], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"tiertune {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def saved_bytes(model: object, forward_backward: Callable[[], None]) -> int:
+    """Bytes of what ``forward_backward`` (a training micro-batch through ``model``) keeps for backward,
+    counted with saved-tensor hooks: each storage once, the model's weights not counted."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage().data_ptr()
+        if key not in weights:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_backward()
+    return sum(seen.values())
