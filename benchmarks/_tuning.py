@@ -41,3 +41,29 @@ def saved_bytes(model: object, forward_backward: Callable[[], None]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward_backward()
     return sum(seen.values())
+
+
+def train_plain(model: object, stream: object, optim: object, steps: int, loss: Callable) -> list[float]:
+    """The vanilla baseline's loop: ``steps`` steps of ``loss(batch)`` (a scalar mean over the batch's
+    targets) on the batches of ``stream``, gradients clipped to ``optim.max_grad_norm``, fused AdamW at
+    the job's lr schedule. Returns each step's seconds."""
+    import time
+
+    import torch
+
+    from tiertune.optim import lr_at
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), fused=True)
+    times = []
+    model.train()
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        loss(stream.next_batch()).backward()
+        torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, optim, steps)
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return times

@@ -30,10 +30,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _tuning import REPO, peak_rss, saved_bytes, tiertune  # benchmarks/, the script's own directory
+from _tuning import (
+    REPO,
+    peak_rss,
+    saved_bytes,
+    tiertune,
+    train_plain,
+)  # benchmarks/, the script's own directory
 
 COMMON = [
     "model.path=builtin:all-minilm-l6-v2",
@@ -128,31 +133,19 @@ def plain_peft(out: Path, overrides: list[str]) -> None:
 
     from tiertune.launch.data import BatchStream, build_splits, eval_batches
     from tiertune.launch.models import load_tokenizer
-    from tiertune.optim import lr_at
 
     cfg = _config(overrides)
     torch.manual_seed(cfg.train.seed)
     model = _peft_model(cfg)
     splits = build_splits(cfg.data, load_tokenizer(cfg.model), cfg.train.seed, labels=cfg.model.labels)
     stream = BatchStream(splits.train, cfg.train.micro_batch_size, cfg.train.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True)
 
     def logits(batch: dict) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
-    times, steps = [], cfg.train.max_steps
-    model.train()
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        batch = stream.next_batch()
-        F.cross_entropy(logits(batch), batch["labels"]).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.optim, steps)
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
+    times = train_plain(
+        model, stream, cfg.optim, cfg.train.max_steps, lambda b: F.cross_entropy(logits(b), b["labels"])
+    )
     model.eval()
     total, correct = 0.0, 0
     with torch.no_grad():
@@ -165,7 +158,7 @@ def plain_peft(out: Path, overrides: list[str]) -> None:
         "accuracy": correct / len(splits.eval),
         "eval_loss": total / len(splits.eval),
         "peak_rss": peak_rss(),
-        "trainable": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result))

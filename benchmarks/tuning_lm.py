@@ -33,10 +33,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _tuning import REPO, peak_rss, saved_bytes, tiertune  # benchmarks/, the script's own directory
+from _tuning import (
+    REPO,
+    peak_rss,
+    saved_bytes,
+    tiertune,
+    train_plain,
+)  # benchmarks/, the script's own directory
 
 COMMON = [
     "data.path=builtin:arithmetic",
@@ -120,7 +125,6 @@ def plain_peft(out: Path, base: Path, steps: int) -> None:
     from tiertune.config import load_config
     from tiertune.launch.data import BatchStream, build_splits, eval_batches
     from tiertune.launch.models import load_tokenizer
-    from tiertune.optim import lr_at
 
     cfg = load_config(None, [f"model.path={base}", *COMMON, *TUNE, f"train.max_steps={steps}"])
     torch.manual_seed(cfg.train.seed)
@@ -131,25 +135,15 @@ def plain_peft(out: Path, base: Path, steps: int) -> None:
     )
     splits = build_splits(cfg.data, load_tokenizer(cfg.model), cfg.train.seed)
     stream = BatchStream(splits.train, cfg.train.micro_batch_size, cfg.train.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True)
 
     def loss_sum(batch: dict) -> torch.Tensor:
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="sum")
 
-    times = []
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        batch = stream.next_batch()
-        targets = int((batch["labels"][:, 1:] != -100).sum())
-        (loss_sum(batch) / targets).backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.optim, steps)
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - t0)
+    def loss_mean(batch: dict) -> torch.Tensor:
+        return loss_sum(batch) / int((batch["labels"][:, 1:] != -100).sum())
+
+    times = train_plain(model, stream, cfg.optim, steps, loss_mean)
     model.eval()
     with torch.no_grad():
         batches = eval_batches(splits.eval, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
