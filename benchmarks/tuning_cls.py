@@ -13,8 +13,10 @@ LoRA's 1e-3 they are still far from converged after 200 steps.
 - lora: tiertune's LoRA with every weight homed on NVMe (offload.params=nvme);
 - lora, 4-bit activations: the same, GELU and softmax keeping 4 bits for backward and LoRA's inputs 8
   (tuning.s2a.quantize_activations, tuning.s2a.lora_input_bits=8);
-- s2a (bias), s2a (side), s2a (bias, side): the activation modules instead of adapters, 4-bit
-  activations, weights on NVMe.
+- s2a (bias), s2a (prompt), s2a (side), s2a (bias, side): the activation modules instead of adapters,
+  weights on NVMe, backward keeping GELU's inputs and the attention probabilities in 4 bits and the
+  LayerNorms' normalized inputs in 8 (the defaults); s2a (bias), 8-bit q/k/v: attention's q, k, v in 8
+  bits too.
 
 Per variant: eval accuracy and loss over the whole eval split after the last step, the median step time
 (the first two steps warm up), peak RSS, and the activations one micro-batch keeps for backward
@@ -192,6 +194,12 @@ def main() -> None:
             "tuning.s2a.lora_input_bits=8",
         ],
         "s2a (bias)": ["tuning.method=s2a", "tuning.s2a.modules=[bias]"],
+        "s2a (bias), 8-bit q/k/v": [
+            "tuning.method=s2a",
+            "tuning.s2a.modules=[bias]",
+            "tuning.s2a.qkv_bits=8",
+        ],
+        "s2a (prompt)": ["tuning.method=s2a", "tuning.s2a.modules=[prompt]"],
         "s2a (side)": ["tuning.method=s2a", "tuning.s2a.modules=[side]"],
         "s2a (bias, side)": ["tuning.method=s2a", "tuning.s2a.modules=[bias, side]"],
     }

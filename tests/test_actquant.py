@@ -119,3 +119,56 @@ def test_four_bit_packing_round_trips():
     packed = pack4(values)
     assert packed.numel() == math.ceil(1001 / 2)
     assert torch.equal(unpack4(packed, 1001), values)
+
+
+def _exact_norm(kind: str, x, weight, bias, eps):
+    if kind == "layer":
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm.forward(SimpleNamespace(weight=weight, variance_epsilon=eps), x)  # its own code
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norms_keep_8_bits_and_their_gradients_stay_within_the_bound(kind):
+    """LayerNorm and Llama's RMSNorm: the forward is the model's own to the bit; the backward rebuilds the
+    normalized input from 8 bits, each element within half a step (its row's absmax / 254) of the exact
+    one, which bounds the gradients' error (derived in the comments)."""
+    torch.manual_seed(0)
+    eps = 1e-5
+    x = torch.randn(3, 7, 48) * 3 + 1
+    x[..., 5] *= 10  # an outlier feature, as trained models have: a coarse scale for its rows
+    x.requires_grad_()
+    weight = (torch.rand(48) + 0.5).requires_grad_()
+    bias = torch.randn(48).requires_grad_() if kind == "layer" else None
+    ours = actquant.layer_norm(x, weight, bias, eps) if kind == "layer" else actquant.rms_norm(x, weight, eps)
+    exact = _exact_norm(kind, x, weight, bias, eps)
+    assert torch.equal(ours, exact)
+    g = torch.randn_like(exact)
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    got, want = torch.autograd.grad(ours, inputs, g), torch.autograd.grad(exact, inputs, g)
+    # with x^ off by e <= h (h: half a step), g' = g * weight and dx = rstd (g' - [mean g'] - x^ mean(g' x^)):
+    # |dx~ - dx| <= rstd (h |mean(g' x^)| + |x^| h mean|g'| + h^2 mean|g'|); |dweight~ - dweight| <= sum |g| h
+    xd = x.detach().double()
+    centred = xd - xd.mean(-1, keepdim=True) if kind == "layer" else xd
+    rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = centred * rstd
+    h = xhat.abs().amax(-1, keepdim=True) / 254
+    gw = g.double() * weight.detach().double()
+    mean_abs = gw.abs().mean(-1, keepdim=True)
+    bound_dx = rstd * (
+        h * (gw * xhat).mean(-1, keepdim=True).abs() + xhat.abs() * h * mean_abs + h * h * mean_abs
+    )
+    assert ((got[0] - want[0]).abs() <= bound_dx + 1e-5).all()
+    bound_dw = (g.double().abs() * h).sum((0, 1))
+    assert ((got[1] - want[1]).abs() <= bound_dw + 1e-4).all()
+    if kind == "layer":
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-5)  # dbias needs no x^
+    assert (got[0] - want[0]).abs().max() > 1e-6  # the codes are really 8 bits (a control for the bounds)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        actquant.layer_norm(x, weight, bias, eps) if kind == "layer" else actquant.rms_norm(x, weight, eps)
+    rows = 3 * 7
+    assert sum(t.nbytes for t in kept if t is not weight) == rows * 48 + 2 * rows * 4  # codes, scale, rstd

@@ -157,7 +157,7 @@ CASES = {
     # bit for bit across placements below.
     "s2a-nvme": [
         "tuning.method=s2a",
-        "tuning.s2a.modules=[bias, side]",
+        "tuning.s2a.modules=[bias, prompt, side]",
         "tuning.s2a.quantize_activations=false",
         *NVME,
     ],
@@ -217,7 +217,7 @@ def test_the_export_loads_in_transformers_and_classifies_as_the_run_evaluated(tm
 
 
 def test_s2a_with_4bit_activations_trains_the_same_bits_resident_and_from_nvme(tmp_path):
-    job = [*MINILM, *COMMON, "tuning.method=s2a", "tuning.s2a.modules=[bias, side]"]
+    job = [*MINILM, *COMMON, "tuning.method=s2a", "tuning.s2a.modules=[bias, prompt, side]"]
     run(fast_config(tmp_path / "resident", *job, "offload.params=device", "offload.optimizer=device"))
     run(fast_config(tmp_path / "nvme", *job, *NVME))
     assert [r["loss"] for r in _rows(tmp_path / "resident")] == [r["loss"] for r in _rows(tmp_path / "nvme")]

@@ -165,7 +165,7 @@ def test_a_model_without_a_tabled_activation_is_refused():
 
 JOB = [
     "tuning.method=s2a",
-    "tuning.s2a.modules=[bias, side]",
+    "tuning.s2a.modules=[bias, prompt, side]",
     "train.max_steps=6",
     "optim.lr=5e-3",
     "train.checkpoint_every=6",
@@ -183,7 +183,7 @@ def test_s2a_trains_its_modules_the_same_resident_and_from_nvme_and_exports_them
     a = load_file(str(tmp_path / "resident" / "checkpoints" / "step-00000006" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "nvme" / "checkpoints" / "step-00000006" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    assert {n.split(".")[-1] for n in a} == {"s2a_bias", "down", "gate", "up"}
+    assert {n.split(".")[-1] for n in a} == {"s2a_bias", "s2a_prompt", "down", "gate", "up"}
     assert resident.final_loss < resident.first_loss
     assert any(n.endswith("up") and a[n].abs().sum() > 0 for n in a)  # the side network's output trained
     # the export reloads into a model the same method was applied to
@@ -230,3 +230,129 @@ def test_8bit_lora_inputs_keep_one_byte_copy_and_grads_within_their_bound():
         if "lora_A" in n:  # each input element off by at most half a step (absmax / 254) of its row
             rel = (got[n].grad - p.grad).norm() / p.grad.norm()
             assert 0 < rel < 0.02, (n, rel)
+
+
+def test_8bit_qkv_change_only_what_backward_reads_back_within_their_bound():
+    """With q, k and v kept in 8 bits, dV is unchanged (it reads only the probabilities) and dq, dk differ
+    from the 16-bit op's by what the 8-bit error of k, q and (through dP) v carries, bounded below."""
+    from tiertune.tuning.s2a import _Attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 8, requires_grad=True)
+    k = torch.randn(2, 2, 9, 8, requires_grad=True)
+    v = torch.randn(2, 2, 9, 5, requires_grad=True)
+    mask = torch.full((9, 9), torch.finfo(torch.float32).min).triu(1)[None, None]
+    g = torch.randn(2, 4, 9, 5)
+    out16, out8 = _Attention.apply(q, k, v, mask, 0.7), _Attention.apply(q, k, v, mask, 0.7, 8)
+    assert torch.equal(out16, out8)  # the forward is the same
+    dq16, dk16, dv16 = torch.autograd.grad(out16, (q, k, v), g)
+    dq8, dk8, dv8 = torch.autograd.grad(out8, (q, k, v), g)
+    assert torch.equal(dv8, dv16)
+
+    def half_step(t):  # each element's largest error: half its row's step
+        return (t.detach().abs().amax(-1, keepdim=True) / 254).expand_as(t)
+
+    rep = lambda t: t.repeat_interleave(2, 1)  # noqa: E731 (two query heads per key/value head)
+    # the probabilities as backward sees them (4 bits), so the bound is on the 8-bit part alone
+    s = torch.softmax(q.detach() @ rep(k.detach()).transpose(-1, -2) * 0.7 + mask, -1)
+    scale = s.amax(-1, keepdim=True)
+    p = torch.round(s / scale * (actquant.LEVELS - 1)) * (scale / (actquant.LEVELS - 1))
+    dp_err = g.abs() @ rep(half_step(v)).transpose(-1, -2)  # dP = g V^T, V off by at most h_v
+    ds_err = p * (dp_err + (dp_err * p).sum(-1, keepdim=True)) * 0.7
+    dp = g @ rep(v.detach()).transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * 0.7
+    kq, qq = rep(k.detach()).abs() + rep(half_step(k)), q.detach().abs() + half_step(q)
+    bound_dq = ds_err @ kq + ds.abs() @ rep(half_step(k))
+    bound_dk = (ds_err.transpose(-1, -2) @ qq + ds.abs().transpose(-1, -2) @ half_step(q)).view(2, 2, 2, 9, 8)
+    assert ((dq8 - dq16).abs() <= bound_dq + 1e-5).all()
+    assert ((dk8 - dk16).abs() <= bound_dk.sum(2) + 1e-5).all()
+    assert (dq8 - dq16).abs().max() > 0
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        _Attention.apply(q, k, v, mask, 0.7, 8)
+    assert not any(t.dtype == torch.float32 and t.shape[-1] > 1 for t in kept)  # q, k, v: int8 codes
+
+
+def test_norms_are_replaced_keeping_their_parameter_names_and_the_forward():
+    from tiertune.tuning.s2a import QuantizedNorm
+
+    exact = _model("tuning.method=lora")
+    quant = _model("tuning.method=lora", "tuning.s2a.quantize_activations=true")
+    names = [n for n, m in quant.named_modules() if isinstance(m, QuantizedNorm)]
+    assert len(names) == 4 * 2 + 1  # two in each of tiny-llama's 4 layers, and the final norm
+    assert exact.state_dict().keys() == quant.state_dict().keys()
+    kept16 = _model("tuning.method=lora", "tuning.s2a.quantize_activations=true", "tuning.s2a.norm_bits=16")
+    kept16.load_state_dict(quant.state_dict())
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(kept16(input_ids=ids).logits, quant(input_ids=ids).logits)  # the model's own norms
+    assert not any(isinstance(m, QuantizedNorm) for m in kept16.modules())
+
+
+def test_a_classifiers_side_network_pools_the_texts_tokens_and_ignores_padding():
+    """BERT's pooler reads [CLS] only; the side network's state is averaged over the text's tokens (its
+    attention mask), so it sees the whole text, and padding changes nothing, with a prompt inserted too."""
+    cfg = load_config(
+        None,
+        ["model.path=builtin:all-minilm-l6-v2", "model.task=sequence_classification", "model.labels=[a, b]",
+         "model.dropout=0", "tuning.method=s2a", "tuning.s2a.modules=[prompt, side]", "tuning.s2a.prompt_length=3"],
+    )  # fmt: skip
+    model = get_method("s2a").apply(build_model(cfg.model, seed=0), cfg.tuning)
+    for n, p in model.named_parameters():
+        if n.endswith(".up"):
+            p.data.normal_(0, 0.1)  # the side network's output is zero at first
+    ids = torch.randint(1000, 2000, (1, 20), generator=torch.Generator().manual_seed(0))
+    short = model(input_ids=ids[:, :12], attention_mask=torch.ones(1, 12, dtype=torch.long)).logits
+    padded_mask = torch.ones(1, 20, dtype=torch.long)
+    padded_mask[:, 12:] = 0
+    padded = model(input_ids=ids, attention_mask=padded_mask).logits
+    torch.testing.assert_close(padded, short, rtol=1e-4, atol=1e-5)
+    # what the side network adds, at every position: its state's mean over the tokens the mask keeps
+    from tiertune.tuning.s2a import SideOutput, SideState
+
+    state = SideState()
+    out = SideOutput(6, 3, state, torch.float32, pooled=True)
+    out.up.data.normal_()
+    state.state, state.mask = torch.randn(2, 5, 3), torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    want = torch.stack([state.state[0].mean(0), state.state[1, :2].mean(0)])[:, None] @ out.up
+    torch.testing.assert_close(out(torch.zeros(2, 5, 6)), want.expand(2, 5, 6))
+    assert state.state is None and state.mask is None  # used once: the next forward starts afresh
+
+
+def test_a_prompt_is_inserted_and_cut_back_so_outputs_line_up_with_the_tokens():
+    lm = _model("tuning.method=s2a", "tuning.s2a.modules=[prompt]", "tuning.s2a.prompt_length=5")
+    plain = build_model(load_config(None, ["model.preset=tiny-llama"]).model, seed=0)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    out = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert out.shape == plain(input_ids=ids).logits.shape == (2, 12, 260)
+    assert (out - plain(input_ids=ids).logits).abs().max() > 1e-3  # the prompt acts...
+    out.float().logsumexp(-1).mean().backward()
+    (prompt,) = [p for n, p in lm.named_parameters() if n.endswith("s2a_prompt")]
+    assert n_is_embed(lm, prompt) and prompt.grad.abs().sum() > 0  # ... and learns
+    with pytest.raises(ConfigError, match="without a KV cache"):
+        lm.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, use_cache=True)
+    assert lm.generate(ids[:1, :4], max_new_tokens=3, do_sample=False).shape == (1, 7)  # its config: no cache
+    # a Llama classifier reads the last real token's score: right padding changes nothing
+    cfg = load_config(None, ["model.preset=tiny-llama", "model.task=sequence_classification", "model.labels=[a, b]",
+                             "tuning.method=s2a", "tuning.s2a.modules=[prompt]", "tuning.s2a.prompt_length=5"])  # fmt: skip
+    clf = get_method("s2a").apply(build_model(cfg.model, seed=0), cfg.tuning).eval()
+    short = clf(input_ids=ids[:, :8], attention_mask=torch.ones(2, 8, dtype=torch.long)).logits
+    padded_ids = ids.clone()
+    padded_ids[:, 8:] = clf.config.pad_token_id
+    mask = torch.ones_like(ids)
+    mask[:, 8:] = 0
+    torch.testing.assert_close(
+        clf(input_ids=padded_ids, attention_mask=mask).logits, short, rtol=1e-4, atol=1e-5
+    )
+
+
+def n_is_embed(model, param):
+    """The prompt lives on the embedding stage, so the block cutter puts it in the embed block."""
+    from tiertune.offload.blocks import find_blocks
+
+    return any(p is param for b in find_blocks(model) if b.kind == "embed" for p in b.params.values())
+
+
+@pytest.mark.parametrize("key", ["norm_bits", "qkv_bits", "lora_input_bits"])
+def test_only_8_or_16_bits_are_offered(key):
+    with pytest.raises(ConfigError, match=f"tuning.s2a.{key}"):
+        load_config(None, [f"tuning.s2a.{key}=4"])

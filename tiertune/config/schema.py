@@ -202,7 +202,11 @@ class DepthConfig:
 
 
 def _s2a_modules(v: list[str]) -> str | None:
-    return None if set(v) <= {"bias", "side"} else "must name activation modules among bias and side"
+    return (
+        None
+        if set(v) <= {"bias", "prompt", "side"}
+        else "must name activation modules among bias, prompt and side"
+    )
 
 
 @dataclass
@@ -210,11 +214,15 @@ class S2AConfig:
     modules: list[str] = opt(
         ["side"],
         "what tuning.method=s2a trains instead of the weights: bias (a zero-initialised bias on every "
-        "linear of every layer), side (a narrow side network fed each layer's detached output, added to "
+        "linear of every layer), prompt (tuning.s2a.prompt_length trainable vectors inserted into the sequence after "
+        "the embeddings), side (a narrow side network fed each layer's detached output, added to "
         "the final hidden state: backward never enters the backbone, the backbone keeps nothing for it)",
         _s2a_modules,
     )
     side_dim: int = opt(64, "width of the side network", _positive)
+    prompt_length: int = opt(
+        16, "prompt: how many trainable vectors are inserted after the embeddings", _positive
+    )
     lora_input_bits: int = opt(
         16,
         "8: LoRA's A linears keep their inputs in 8 bits for backward (lora, luc_lora, depth)",
@@ -222,8 +230,21 @@ class S2AConfig:
     )
     quantize_activations: bool | None = opt(
         None,
-        "SiLU/GELU and attention's softmax keep 4 bits an element for backward (the forward stays exact); "
-        "default: on for s2a, off for lora, luc_lora and depth, where it can be switched on",
+        "SiLU/GELU and attention's softmax keep 4 bits an element for backward, and LayerNorm/RMSNorm their "
+        "normalized input in tuning.s2a.norm_bits (the forward stays exact); default: on for s2a, off for "
+        "lora, luc_lora and depth, where it can be switched on",
+    )
+    norm_bits: int = opt(
+        8,
+        "with quantize_activations: what LayerNorm and RMSNorm keep for backward, their normalized input in "
+        "8 bits (per-row scale) or 16 (as it comes)",
+        lambda v: None if v in (8, 16) else "must be 8 or 16 (as it comes)",
+    )
+    qkv_bits: int = opt(
+        16,
+        "with quantize_activations: 8 keeps attention's q, k and v in 8 bits for backward (per-row scale), "
+        "16 as they come",
+        lambda v: None if v in (8, 16) else "must be 16 (as they come) or 8",
     )
 
 

@@ -14,8 +14,12 @@ Softmax's backward needs its output ``y`` (``dx = y * (dy - sum(dy * y))``): the
 quantized to 4 bits on a per-row scale (the row's maximum), so each saved probability is within
 ``scale / 30`` of the exact one.
 
+Normalization layers (LayerNorm, RMSNorm) need their normalized input ``x^ = (x - mean) * rstd`` in
+backward; :func:`layer_norm` and :func:`rms_norm` keep it in 8 bits (per-row absmax scale, so each element
+is within ``absmax / 254`` of the exact one) beside one ``rstd`` a row.
+
 The forward results are exact; only what is saved for backward is compressed: 0.5 bytes an element (plus
-one scale a softmax row) where autograd keeps 2 (bf16) or 4 (fp32).
+one scale a softmax row) where autograd keeps 2 (bf16) or 4 (fp32); 1 byte an element for the norms.
 """
 
 from __future__ import annotations
@@ -183,3 +187,81 @@ class _Softmax(torch.autograd.Function):
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``torch.softmax(x, dim)``, saving its output in 4 bits (per-row scale) for backward."""
     return _Softmax.apply(x, dim)
+
+
+def quantize8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as int8 codes on a per-row (last dimension) absmax scale: ``codes * scale`` is within
+    ``scale / 2`` of ``x`` elementwise."""
+    x = x.detach().float()
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+def dequantize8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 values :func:`quantize8`'s codes stand for."""
+    return codes.float() * scale
+
+
+def _normalized(x: torch.Tensor, kind: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x^`` and ``rstd`` of a LayerNorm (``kind="layer"``) or an RMSNorm, in fp32."""
+    x = x.detach().float()
+    if kind == "layer":
+        var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        return (x - mean) * rstd, rstd
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x * rstd, rstd
+
+
+class _Norm(torch.autograd.Function):
+    """A LayerNorm or RMSNorm whose forward is ``exact(x)`` (the model's own computation) and whose
+    backward rebuilds ``x^`` from 8 bits. With ``g' = grad * weight``:
+    ``dx = rstd * (g' - mean(g') - x^ * mean(g' x^))`` (RMSNorm: without ``mean(g')``),
+    ``dweight = sum(grad * x^)``, ``dbias = sum(grad)``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kind, eps, exact):  # noqa: ANN001, ANN205 (autograd's signature)
+        y = exact(x)
+        xhat, rstd = _normalized(x, kind, eps)
+        codes, scale = quantize8(xhat)
+        ctx.kind, ctx.x_dtype = kind, x.dtype
+        ctx.save_for_backward(codes, scale, rstd, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        codes, scale, rstd, weight = ctx.saved_tensors
+        xhat = dequantize8(codes, scale)
+        g = grad.float()
+        gw = g * weight.float() if weight is not None else g
+        proj = (gw * xhat).mean(-1, keepdim=True)
+        centred = gw - gw.mean(-1, keepdim=True) if ctx.kind == "layer" else gw
+        dx = (rstd * (centred - xhat * proj)).to(ctx.x_dtype)
+        rows = g.reshape(-1, g.shape[-1])
+        dweight = dbias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = (rows * xhat.reshape(rows.shape)).sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            dbias = rows.sum(0).to(weight.dtype if weight is not None else grad.dtype)
+        return dx, dweight, dbias, None, None, None
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """``F.layer_norm`` over the last dimension, keeping the normalized input in 8 bits for backward."""
+    return _Norm.apply(
+        x, weight, bias, "layer", eps, lambda t: F.layer_norm(t, t.shape[-1:], weight, bias, eps)
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps))`` computed in fp32, cast back to ``x``'s dtype
+    before the weight), keeping the normalized input in 8 bits for backward."""
+
+    def exact(t: torch.Tensor) -> torch.Tensor:
+        h = t.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(t.dtype)
+
+    return _Norm.apply(x, weight, None, "rms", eps, exact)

@@ -41,7 +41,7 @@ class LoraTuning:
         if cfg.s2a.quantize_activations:  # S2A's 4-bit activations, composed with LoRA
             from tiertune.tuning.s2a import quantize_activations
 
-            quantize_activations(model)
+            quantize_activations(model, cfg.s2a.norm_bits, cfg.s2a.qkv_bits)
         if cfg.s2a.lora_input_bits == 8:  # and the adapters' inputs kept in 8 bits
             from tiertune.tuning.s2a import int8_lora_inputs
 

@@ -1,23 +1,29 @@
-"""S2A in models: the 4-bit activation ops wired into Llama-family and BERT layers, and the activation
-modules (``bias``, ``side``) as the ``s2a`` tuning method.
+"""S2A in models: the quantized activation ops wired into Llama-family and BERT layers, and the
+activation modules (``bias``, ``prompt``, ``side``) as the ``s2a`` tuning method.
 
-``tuning.s2a.quantize_activations`` (with ``tuning.method`` ``s2a``, ``lora`` or ``luc_lora``) makes the
-non-parametric ops keep 4 bits an element for backward:
+``tuning.s2a.quantize_activations`` (with ``tuning.method`` ``s2a``, ``lora``, ``luc_lora`` or ``depth``)
+makes the non-parametric ops keep few bits an element for backward (the forward stays exact; evaluation
+and generation compute with the exact ops):
 
 - the MLP activation (Llama's SiLU ``mlp.act_fn``, BERT's GELU ``intermediate.intermediate_act_fn``) is
-  replaced by a module calling :func:`tiertune.tuning.actquant.silu` / ``gelu`` while autograd records
-  (exact otherwise: evaluation and generation compute with the exact op, and so does the forward);
+  replaced by a module calling :func:`tiertune.tuning.actquant.silu` / ``gelu``: a 4-bit interval index;
 - attention runs through the attention function registered as ``tiertune_s2a``: one op
   (:class:`_Attention`) computes ``softmax(q k^T * scaling + mask) @ V`` and keeps q, k, v as they came
-  (key/value heads not repeated) and the probabilities in 4 bits.
+  (key/value heads not repeated; in 8 bits with ``tuning.s2a.qkv_bits=8``, function ``tiertune_s2a_qkv8``)
+  and the probabilities in 4 bits;
+- with ``tuning.s2a.norm_bits=8`` (the default), every LayerNorm and Llama-style RMSNorm becomes a
+  :class:`QuantizedNorm` keeping its normalized input in 8 bits (same parameters, same names).
 
 The activation modules train instead of the weights (``tuning.method=s2a``, ``tuning.s2a.modules``):
 
 - ``bias``: a trainable bias, zero at first, on the output of every linear of every layer;
+- ``prompt``: ``tuning.s2a.prompt_length`` trainable vectors inserted into the sequence after the
+  embeddings (:class:`Prompt`);
 - ``side``: a side network beside the backbone: each layer's output, detached, is projected down to
   ``tuning.s2a.side_dim``; the side state runs through one small gated layer per backbone layer; its
-  projection back up (zero at first) is added to the final hidden state before the final norm. Backward
-  never enters the backbone, so the backbone saves nothing at all.
+  projection back up (zero at first) is added to the final hidden state before the final norm (a
+  classifier's: averaged over the text's tokens first). Backward never enters the backbone, so the
+  backbone saves nothing at all.
 
 ``tuning.s2a.lora_input_bits=8`` (with ``lora``, ``luc_lora`` or ``depth``) keeps the inputs LoRA's
 ``lora_A`` linears save for their weights' gradient in 8 bits (:class:`Int8InputLinear`), one copy per
@@ -43,6 +49,7 @@ from tiertune.tuning import actquant
 from tiertune.tuning.registry import classification_head, register
 
 ATTENTION = "tiertune_s2a"
+ATTENTION_QKV8 = "tiertune_s2a_qkv8"
 MODULES_FILE = "s2a_modules.safetensors"
 
 
@@ -56,7 +63,7 @@ class _Attention(torch.autograd.Function):
     keep the full probabilities again for V's gradient; fused, they are kept once, in 4 bits."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scaling):  # noqa: ANN001, ANN205 (autograd's signature)
+    def forward(ctx, q, k, v, mask, scaling, qkv_bits=16):  # noqa: ANN001, ANN205 (autograd's signature)
         groups = q.shape[1] // k.shape[1]
         kr, vr = (k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)) if groups > 1 else (k, v)
         scores = (q.float() @ kr.float().transpose(-1, -2)) * scaling
@@ -66,12 +73,19 @@ class _Attention(torch.autograd.Function):
         scale = p.amax(dim=-1, keepdim=True)
         codes = torch.round(p / scale * (actquant.LEVELS - 1)).to(torch.uint8)
         ctx.groups, ctx.scaling, ctx.shape = groups, scaling, p.shape
-        ctx.save_for_backward(q, k, v, actquant.pack4(codes), scale)
+        ctx.dtypes, ctx.eight = (q.dtype, k.dtype, v.dtype), qkv_bits == 8
+        kept = [x for t in (q, k, v) for x in actquant.quantize8(t)] if ctx.eight else [q, k, v]
+        ctx.save_for_backward(*kept, actquant.pack4(codes), scale)
         return (p.to(v.dtype) @ vr).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        q, k, v, packed, scale = ctx.saved_tensors
+        *kept, packed, scale = ctx.saved_tensors
+        if ctx.eight:  # q, k and v come back from 8 bits, in their own dtypes
+            pairs = zip(kept[0::2], kept[1::2], ctx.dtypes)
+            q, k, v = (actquant.dequantize8(c, s).to(dt) for c, s, dt in pairs)
+        else:
+            q, k, v = kept
         g = ctx.groups
         kr, vr = (k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) if g > 1 else (k, v)
         p = actquant.unpack4(packed, scale.numel() * ctx.shape[-1]).view(ctx.shape).float()
@@ -86,7 +100,7 @@ class _Attention(torch.autograd.Function):
             b, h, t, d = dk.shape
             dk = dk.view(b, h // g, g, t, d).sum(2)
             dv = dv.view(b, h // g, g, t, dv.shape[-1]).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def s2a_attention(
@@ -97,10 +111,11 @@ def s2a_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    qkv_bits: int = 16,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """Attention as eager attention computes it (grouped key/value heads, an additive float mask), through
-    :class:`_Attention` while autograd records. Attention dropout is not supported."""
+    :class:`_Attention` (q, k and v kept in ``qkv_bits``). Attention dropout is not supported."""
     if dropout and module.training:
         raise ConfigError(
             ["tuning.s2a.quantize_activations: attention dropout is not supported; set model.dropout=0"]
@@ -114,17 +129,23 @@ def s2a_attention(
                 ~mask, torch.finfo(torch.float32).min
             )
         mask = mask.float()
-    out = _Attention.apply(query, key, value, mask, scaling)
+    out = _Attention.apply(query, key, value, mask, scaling, qkv_bits)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _s2a_attention_qkv8(*args: object, **kwargs: object) -> tuple[torch.Tensor, None]:
+    return s2a_attention(*args, **kwargs, qkv_bits=8)
+
+
 def _register_attention() -> None:
-    """``tiertune_s2a`` as an attention implementation, with eager attention's additive float masks."""
+    """``tiertune_s2a`` (q, k, v kept as they come) and ``tiertune_s2a_qkv8`` (in 8 bits) as attention
+    implementations, with eager attention's additive float masks."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    AttentionInterface.register(ATTENTION, s2a_attention)
-    AttentionMaskInterface.register(ATTENTION, eager_mask)
+    for name, function in ((ATTENTION, s2a_attention), (ATTENTION_QKV8, _s2a_attention_qkv8)):
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, eager_mask)
 
 
 # -- activations ------------------------------------------------------------------------------------------
@@ -147,6 +168,53 @@ class QuantizedActivation(nn.Module):
         return f"{self.name}, 4-bit for backward"
 
 
+class QuantizedNorm(nn.Module):
+    """A LayerNorm or Llama-style RMSNorm (the same ``weight``/``bias`` parameters, so names, checkpoints and
+    the offload engine see no change) that keeps its normalized input in 8 bits for backward while autograd
+    records: :func:`tiertune.tuning.actquant.layer_norm` / ``rms_norm``."""
+
+    def __init__(self, norm: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.eps = norm.eps if kind == "layer" else norm.variance_epsilon
+        self.weight = norm.weight
+        self.bias = getattr(norm, "bias", None) if kind == "layer" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trained = self.weight is not None and self.weight.requires_grad
+        quantize = torch.is_grad_enabled() and (x.requires_grad or trained)
+        if self.kind == "layer":
+            f = actquant.layer_norm if quantize else _exact_layer_norm
+            return f(x, self.weight, self.bias, self.eps)
+        return (actquant.rms_norm if quantize else _exact_rms_norm)(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} norm, eps={self.eps}, 8-bit for backward"
+
+
+def _exact_layer_norm(
+    x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def _exact_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+# Llama's RMSNorm, which these families copy (``weight * normed.to(input dtype)``, normalized in fp32)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def _norm_kind(module: nn.Module) -> str | None:
+    if type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
+        return "layer"
+    if type(module).__name__ in RMS_NORMS and hasattr(module, "variance_epsilon"):
+        return "rms"
+    return None
+
+
 def _activation_name(act: nn.Module) -> str | None:
     name = type(act).__name__.lower()
     if "silu" in name or "swish" in name:
@@ -156,16 +224,22 @@ def _activation_name(act: nn.Module) -> str | None:
     return None
 
 
-def quantize_activations(model: nn.Module) -> nn.Module:
-    """Wire the 4-bit ops into ``model`` (in place): every MLP activation the tables cover and the
-    attention function. Raises ConfigError where the model has neither."""
+def quantize_activations(model: nn.Module, norm_bits: int = 8, qkv_bits: int = 16) -> nn.Module:
+    """Wire the quantized ops into ``model`` (in place): every MLP activation the tables cover, the
+    attention function (q, k, v kept in ``qkv_bits``, 16: as they come, or 8) and, with ``norm_bits=8``,
+    every LayerNorm and Llama-style RMSNorm. Raises ConfigError where the model has no activation to
+    quantize."""
     replaced = 0
-    for module in model.modules():
+    for module in list(model.modules()):
         for attr in ("act_fn", "intermediate_act_fn"):
             act = getattr(module, attr, None)
             if isinstance(act, nn.Module) and (name := _activation_name(act)) is not None:
                 setattr(module, attr, QuantizedActivation(name))
                 replaced += 1
+        if norm_bits == 8:
+            for child_name, child in list(module.named_children()):
+                if (kind := _norm_kind(child)) is not None:
+                    setattr(module, child_name, QuantizedNorm(child, kind))
     config = getattr(model, "config", None)
     if replaced == 0 or config is None:
         raise ConfigError(
@@ -183,7 +257,7 @@ def quantize_activations(model: nn.Module) -> nn.Module:
         )
     _register_attention()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.config._attn_implementation = ATTENTION
+    base.config._attn_implementation = ATTENTION_QKV8 if qkv_bits == 8 else ATTENTION
     return model
 
 
@@ -283,23 +357,115 @@ class SideLayer(nn.Module):
 
 class SideOutput(nn.Module):
     """The side network's way back: its state projected up (zero at first) and added to the final hidden
-    state, before the final norm (this module lives beside that norm, in the head block)."""
+    state, before the final norm (this module lives beside that norm, in the head block).
 
-    def __init__(self, hidden: int, width: int, side: SideState, dtype: torch.dtype) -> None:
+    ``pooled`` (classifiers): the state is first averaged over the text's tokens (those its attention mask
+    keeps) and the mean added at every position. A classifier's head reads one position (BERT's [CLS], a
+    Llama classifier's last token), and the side layers work token by token: unpooled, the side network
+    would see that one token of the text only."""
+
+    def __init__(self, hidden: int, width: int, side: SideState, dtype: torch.dtype, pooled: bool) -> None:
         super().__init__()
         self.up = nn.Parameter(torch.zeros(width, hidden, dtype=dtype))
+        self.pooled = pooled
         self._side = [side]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         side = self._side[0]
-        state, side.state = side.state, None
-        return hidden if state is None else hidden + (state @ self.up).to(hidden.dtype)
+        state, mask, side.state, side.mask = side.state, side.mask, None, None
+        if state is None:
+            return hidden
+        if self.pooled:
+            if mask is None:
+                state = state.mean(dim=-2, keepdim=True)
+            else:
+                keep = mask.to(state.dtype).unsqueeze(-1)
+                state = (state * keep).sum(dim=-2, keepdim=True) / keep.sum(dim=-2, keepdim=True).clamp_min(1)
+        return hidden + (state @ self.up).to(hidden.dtype)
 
 
 class SideState:
-    """The side network's running state within one forward."""
+    """The side network's running state within one forward, and the forward's attention mask."""
 
     state: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def remember_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """A forward pre-hook of the whole model: keep this forward's 2-D attention mask (1: a token)."""
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+class Prompt:
+    """The ``prompt`` module: ``length`` trainable vectors inserted into the sequence right after the
+    embedding stage (``model.embed_tokens``, BERT's ``embeddings``), at position ``at``: 0 for a language
+    model, 1 for a classifier (after BERT's [CLS], which its pooler reads). Around the model, the forward's
+    2-D attention mask is widened over them and the output head's per-position outputs (an LM's logits, a
+    Llama classifier's scores) are cut back to the real tokens, so logits line up with the labels as
+    without a prompt. The vectors start at the scale of what they sit beside: the embedding stage's
+    initializer range, or 1 after a LayerNorm (BERT's embeddings end in one).
+
+    A prompted model runs without a KV cache (its generation config says so; a forward with a filled cache
+    is refused): each forward inserts the prompt again."""
+
+    def __init__(self, model: nn.Module, length: int, dtype: torch.dtype, at: int) -> None:
+        self.length, self.at = length, at
+        self.positions = -1  # the length of the sequence the prompt was last inserted into
+        stage = _embedding_stage(model)
+        normed = any(isinstance(m, nn.LayerNorm) for m in stage.modules())
+        std = 1.0 if normed else float(getattr(model.config, "initializer_range", 0.02))
+        stage.s2a_prompt = nn.Parameter(torch.randn(length, model.config.hidden_size, dtype=dtype) * std)
+        stage.register_forward_hook(self.insert)
+        model.register_forward_pre_hook(self.widen, with_kwargs=True)
+        head = classification_head(model) or model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_hook(self.cut)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.use_cache = False
+
+    def insert(self, stage: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        prompt = stage.s2a_prompt.to(output.dtype).expand(output.shape[0], -1, -1)
+        self.positions = output.shape[1] + self.length
+        return torch.cat([output[:, : self.at], prompt, output[:, self.at :]], dim=1)
+
+    def widen(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        past = kwargs.get("past_key_values")
+        if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
+            raise ConfigError(
+                [
+                    "tuning.s2a.modules: a model with a trained prompt runs without a KV cache (use_cache=False)"
+                ]
+            )
+        if kwargs.get("position_ids") is not None:  # positions count the prompt: the model numbers them
+            kwargs["position_ids"] = None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            ones = mask.new_ones(mask.shape[0], self.length)
+            kwargs["attention_mask"] = torch.cat([mask[:, : self.at], ones, mask[:, self.at :]], dim=1)
+        return args, kwargs
+
+    def cut(self, head: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if output.dim() != 3 or output.shape[1] != self.positions:
+            return output  # a pooled classifier's scores (BERT's), or the last positions only (generation)
+        return torch.cat([output[:, : self.at], output[:, self.at + self.length :]], dim=1)
+
+
+def _embedding_stage(model: nn.Module) -> nn.Module:
+    """The module whose output enters the first layer: the sibling registered just before the layers'
+    list, or before the first ancestor of it that has one (Llama's ``model.embed_tokens``, BERT's
+    ``embeddings``, whose output already holds the position embeddings)."""
+    from tiertune.offload.blocks import _decoder_layers
+
+    path = _decoder_layers(model)[0].split(".")
+    while path:
+        parent = model.get_submodule(".".join(path[:-1])) if len(path) > 1 else model
+        names = [n for n, _ in parent.named_children()]
+        at = names.index(path[-1])
+        if at > 0:
+            return parent.get_submodule(names[at - 1])
+        path = path[:-1]
+    raise ConfigError(["tuning.s2a.modules: prompt needs an embedding module before the layers"])
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -320,7 +486,7 @@ class S2ATuning:
     def apply(self, model: nn.Module, cfg: TuningConfig) -> nn.Module:
         s = cfg.s2a
         if not s.modules:
-            raise ConfigError(["tuning.s2a.modules: name at least one of bias, side"])
+            raise ConfigError(["tuning.s2a.modules: name at least one of bias, prompt, side"])
         model.requires_grad_(False)
         head = classification_head(model)
         if head is not None:  # a classifier's head is new: it trains with the modules
@@ -332,16 +498,20 @@ class S2ATuning:
                 for linear in _linears(layer):
                     linear.s2a_bias = nn.Parameter(torch.zeros(linear.out_features, dtype=dtype))
                     linear.register_forward_hook(_add_bias)
+        if s.quantize_activations is not False:  # on unless switched off; before the side network's exit
+            quantize_activations(model, s.norm_bits, s.qkv_bits)  # hook goes on the (replaced) final norm
+        if "prompt" in s.modules:  # before the side network: its mask hook must see the widened mask
+            Prompt(model, s.prompt_length, dtype, at=0 if head is None else 1)
         if "side" in s.modules:
             hidden, state = model.config.hidden_size, SideState()
             for layer in layers:
                 layer.s2a_side = SideLayer(hidden, s.side_dim, state, dtype)
                 layer.register_forward_hook(_feed_side)
             norm = _side_exit(model)
-            norm.s2a_side = SideOutput(hidden, s.side_dim, state, dtype)
+            norm.s2a_side = SideOutput(hidden, s.side_dim, state, dtype, pooled=head is not None)
+            if head is not None:
+                model.register_forward_pre_hook(state.remember_mask, with_kwargs=True)
             norm.register_forward_pre_hook(lambda m, args: (m.s2a_side(args[0]), *args[1:]))
-        if s.quantize_activations is not False:  # on unless switched off
-            quantize_activations(model)
         return model
 
     def export(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
