@@ -36,7 +36,11 @@ from pathlib import Path
 
 from _tuning import (
     REPO,
+    device,
+    on_device,
+    peak_device,
     peak_rss,
+    print_device_peaks,
     saved_bytes,
     tiertune,
     train_plain,
@@ -68,6 +72,7 @@ def train(out: Path, *overrides: str) -> dict:
         "accuracy": summary["eval_accuracy"],
         "eval_loss": summary["eval_loss"],
         "peak_rss": summary["peak_rss_bytes"],
+        "peak_device": summary.get("peak_device_bytes"),
         "trainable": summary["trainable_params"],
     }
 
@@ -138,7 +143,7 @@ def plain_peft(out: Path, overrides: list[str]) -> None:
 
     cfg = _config(overrides)
     torch.manual_seed(cfg.train.seed)
-    model = _peft_model(cfg)
+    model = _peft_model(cfg).to(device())
     splits = build_splits(cfg.data, load_tokenizer(cfg.model), cfg.train.seed, labels=cfg.model.labels)
     stream = BatchStream(splits.train, cfg.train.micro_batch_size, cfg.train.seed)
 
@@ -152,6 +157,7 @@ def plain_peft(out: Path, overrides: list[str]) -> None:
     total, correct = 0.0, 0
     with torch.no_grad():
         for b in eval_batches(splits.eval, cfg.train.micro_batch_size, 0):
+            b = on_device(b)
             out_logits = logits(b)
             total += float(F.cross_entropy(out_logits, b["labels"], reduction="sum"))
             correct += int((out_logits.argmax(-1) == b["labels"]).sum())
@@ -160,6 +166,7 @@ def plain_peft(out: Path, overrides: list[str]) -> None:
         "accuracy": correct / len(splits.eval),
         "eval_loss": total / len(splits.eval),
         "peak_rss": peak_rss(),
+        "peak_device": peak_device(),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +237,7 @@ def main() -> None:
             f"{r['peak_rss'] / ref['peak_rss']:.2f} | {r['saved'] / 2**20:.1f} MiB | "
             f"{r['saved'] / ref['saved']:.2f} |"
         )
+    print_device_peaks(results)
     (root / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nruns and results in {root}")
 

@@ -12,7 +12,7 @@ in its own process:
 - peft: vanilla peft LoRA, a plain PyTorch loop (HF model + peft + torch.optim.AdamW, fused), resident;
 - lora: tiertune's LoRA with every weight homed on NVMe (offload.params=nvme);
 - luc_lora Nb: LoRA over the base compressed to N average bits (tuning.luc.avg_bits), weights on NVMe;
-- depth: adaptive depth (exits after each quarter of the layers, cloned heads, the mean-probability
+- depth: adaptive depth (exits after each quarter of the layers, cloned heads, the fitted
   vote), weights on NVMe; "depth, 2 windows": one exit, after half the layers;
 - s2a (side): the side network, activations in 4 bits, weights on NVMe.
 
@@ -37,7 +37,11 @@ from pathlib import Path
 
 from _tuning import (
     REPO,
+    device,
+    on_device,
+    peak_device,
     peak_rss,
+    print_device_peaks,
     saved_bytes,
     tiertune,
     train_plain,
@@ -69,6 +73,7 @@ def train(out: Path, *overrides: str) -> dict:
         "step_s": statistics.median(r["step_time_s"] for r in timed),
         "eval_loss": summary["eval_loss"],
         "peak_rss": summary["peak_rss_bytes"],
+        "peak_device": summary.get("peak_device_bytes"),
         "exits": rows[-1].get("exits"),
     }
 
@@ -132,7 +137,7 @@ def plain_peft(out: Path, base: Path, steps: int) -> None:
     lora = cfg.tuning.lora
     model = get_peft_model(
         model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules="all-linear", task_type="CAUSAL_LM")
-    )
+    ).to(device())
     splits = build_splits(cfg.data, load_tokenizer(cfg.model), cfg.train.seed)
     stream = BatchStream(splits.train, cfg.train.micro_batch_size, cfg.train.seed)
 
@@ -147,13 +152,14 @@ def plain_peft(out: Path, base: Path, steps: int) -> None:
     model.eval()
     with torch.no_grad():
         batches = eval_batches(splits.eval, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
-        total = sum(float(loss_sum(b)) for b in batches)
+        total = sum(float(loss_sum(on_device(b))) for b in batches)
         targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     result = {
         "read": 0,
         "step_s": statistics.median(times[2:]),
         "eval_loss": total / targets,
         "peak_rss": peak_rss(),
+        "peak_device": peak_device(),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result))
@@ -221,6 +227,7 @@ def main() -> None:
             f"{r['peak_rss'] / ref['peak_rss']:.2f} | {r['saved'] / 2**20:.1f} MiB | "
             f"{r['saved'] / ref['saved']:.2f} | {read} |"
         )
+    print_device_peaks(results)
     for name in ("depth", "depth, 2 windows"):
         exits = results[name].get("exits") or {}
         print(f"{name}, eval loss by exit: " + ", ".join(f"{n} {m['loss']:.4f}" for n, m in exits.items()))

@@ -108,8 +108,6 @@ def test_the_config_resolves_labels_and_refuses_what_does_not_fit():
     with pytest.raises(ConfigError) as e:
         load_config(None, [*MINILM, "tuning.method=depth"])
     assert "depth's exits are language-model heads" in str(e.value)
-    with pytest.raises(ConfigError, match="export_merged: not yet for a classifier"):
-        load_config(None, [*MINILM, "tuning.method=lora", "tuning.lora.export_merged=true"])
     with pytest.raises(ConfigError, match="model.labels: only a sequence_classification head"):
         load_config(None, ["model.labels=[a, b]"])
     with pytest.raises(ConfigError, match="not a built-in model; choose one of: builtin:all-minilm-l6-v2"):
@@ -191,13 +189,17 @@ def test_a_llama_classifier_over_the_byte_tokenizer_streams_from_nvme_as_plain_p
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_the_export_loads_in_transformers_and_classifies_as_the_run_evaluated(tmp_path, method):
-    """final/ is a transformers classifier (full) or a peft adapter with its head (lora): loaded outside
-    tiertune, it labels the held-out texts exactly as the run's own evaluation counted."""
+    """final/ is a transformers classifier (full) or a peft adapter with its head (lora; and, merged into
+    the base with the trained head, final/merged): loaded outside tiertune, it labels the held-out texts
+    exactly as the run's own evaluation counted."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     lr = {"full": 1e-4, "lora": 1e-3}[method]  # BERT's full fine-tuning takes the smaller steps
-    cfg = fast_config(tmp_path, *MINILM, "train.max_steps=12", f"optim.lr={lr}", f"tuning.method={method}")
+    merged = ["tuning.lora.export_merged=true"] if method == "lora" else []
+    cfg = fast_config(
+        tmp_path, *MINILM, "train.max_steps=12", f"optim.lr={lr}", f"tuning.method={method}", *merged
+    )
     cfg.train.eval_max_batches = 0  # the whole eval split
     summary = run(cfg)
     final = tmp_path / "final"
@@ -214,6 +216,17 @@ def test_the_export_loads_in_transformers_and_classifies_as_the_run_evaluated(tm
     accuracy = int((logits.argmax(-1) == splits.eval.labels).sum()) / len(splits.eval)
     assert accuracy == summary.eval_accuracy
     assert _rows(tmp_path)[-1]["eval_accuracy"] == summary.eval_accuracy
+    if method == "lora":  # the merged export: a plain transformers classifier, the trained head in place
+        alone = AutoModelForSequenceClassification.from_pretrained(final / "merged").eval()
+        assert alone.config.id2label == {0: "negative", 1: "positive"}
+        with torch.no_grad():
+            got = alone(input_ids=splits.eval.input_ids, attention_mask=splits.eval.attention_mask).logits
+        torch.testing.assert_close(got, logits, rtol=1e-4, atol=1e-4)
+        from tiertune.launch.merge import merge_run  # `tiertune merge` later: the same model
+
+        again = load_file(str(merge_run(tmp_path, tmp_path / "merged-later") / "model.safetensors"))
+        first = load_file(str(final / "merged" / "model.safetensors"))
+        assert again.keys() == first.keys() and all(torch.equal(again[n], first[n]) for n in first)
 
 
 def test_s2a_with_4bit_activations_trains_the_same_bits_resident_and_from_nvme(tmp_path):

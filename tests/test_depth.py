@@ -16,7 +16,7 @@ from tiertune.errors import ConfigError
 from tiertune.launch.loop import run
 from tiertune.launch.models import build_model
 from tiertune.tuning import get_method
-from tiertune.tuning.depth import EXITS_FILE, controller_of, vote
+from tiertune.tuning.depth import EXITS_FILE, controller_of, load_exits, vote
 
 # -- the vote --------------------------------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ def test_evaluation_votes_and_scores_every_exit():
         logits = model(input_ids=ids).logits
     exits = c._exit_logits
     assert len(exits) == 3
-    assert c.vote == "mean_probs"  # the default
+    assert c.vote == "fitted" and c.weights is None  # the default, before any fit: equal weights
     torch.testing.assert_close(logits, vote(exits, "mean_probs"))
     labels = ids.clone()
     c.score(labels)
@@ -121,6 +121,31 @@ def test_evaluation_votes_and_scores_every_exit():
     want = F.cross_entropy(exits[1][:, :-1].flatten(0, 1), labels[:, 1:].flatten()).item()
     assert m["exit@2"]["loss"] == pytest.approx(want, rel=1e-6)
     assert all(0 <= v["accuracy"] <= 1 for v in m.values())
+
+
+def test_the_fitted_vote_weighs_exits_by_the_likelihood_of_the_calibration_targets():
+    """EM finds the maximum-likelihood mixture: on targets that one exit predicts well and the others
+    badly, that exit takes (nearly) all the weight, and the vote's loss is at most the best exit's."""
+    model, c = _depth_model()
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (4, 16), generator=gen)
+    with torch.no_grad():
+        model(input_ids=ids)
+    # make exit@2 a good predictor of these targets: its logits put most mass on each next token
+    good = c._exit_logits[1].clone()
+    good[:, :-1].scatter_add_(-1, ids[:, 1:, None], torch.full((4, 15, 1), 8.0))
+    c._exit_logits[1] = good
+    exits = list(c._exit_logits)
+    c.calibrate(ids)
+    weights = c.fit()
+    assert len(weights) == 3 and sum(weights) == pytest.approx(1.0)
+    assert weights[1] > 0.9, weights
+    voted = vote(exits, "fitted", weights)
+    torch.testing.assert_close(voted.exp().sum(-1), torch.ones(4, 16))  # log-probabilities of a mixture
+    nll = lambda lg: F.cross_entropy(lg[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()  # noqa: E731
+    assert nll(voted) <= min(nll(e) for e in exits) + 1e-6
+    assert nll(voted) < nll(vote(exits, "mean_probs"))
 
 
 def test_bad_exits_are_refused_with_the_layer_count():
@@ -175,4 +200,12 @@ def test_exit_heads_train_and_are_exported_with_per_exit_metrics(tmp_path):
     assert [r["step"] for r in evals] == [3, 6]
     assert set(evals[-1]["exits"]) == {"exit@1", "exit@2", "exit@4", "vote"}
     assert evals[-1]["exits"]["vote"]["loss"] == pytest.approx(summary.eval_loss, rel=1e-6)
+    weights = [evals[-1]["exits"][f"exit@{e}"]["weight"] for e in (1, 2, 4)]  # the fitted vote's
+    assert sum(weights) == pytest.approx(1.0)
+    layout = json.loads((out / "final" / "depth.json").read_text())
+    assert layout["weights"] == pytest.approx(weights)
+    cfg = load_config(out / "config.resolved.yaml")
+    reloaded = get_method("depth").apply(build_model(cfg.model, seed=cfg.train.seed), cfg.tuning)
+    load_exits(reloaded, out / "final")
+    assert controller_of(reloaded).weights == layout["weights"]
     assert math.isfinite(summary.final_loss)

@@ -193,10 +193,15 @@ class DepthConfig:
         "round_robin", "which window a step trains: in turn, or drawn from tuning.depth.seed"
     )
     steps_per_window: int = opt(1, "steps before the schedule moves to the next window", _positive)
-    vote: Literal["max_confidence", "mean_probs"] = opt(
-        "mean_probs",
-        "how the exits answer at evaluation and generation: the average of their distributions, or per "
-        "token the most confident exit",
+    vote: Literal["fitted", "mean_probs", "max_confidence"] = opt(
+        "fitted",
+        "how the exits answer at evaluation and generation: fitted, a mixture of their distributions with "
+        "weights fitted (maximum likelihood) on tuning.depth.calibration_batches training batches before "
+        "each evaluation; mean_probs, the plain average of their distributions; or per token the most "
+        "confident exit",
+    )
+    calibration_batches: int = opt(
+        4, "vote=fitted: training batches the exits' weights are fitted on", _positive
     )
     seed: int = opt(0, "seed of the random schedule", _seed_range)
 
@@ -434,11 +439,6 @@ class JobConfig:
             problems.append(
                 "tuning.method: depth's exits are language-model heads; with model.task="
                 "sequence_classification use full, lora, luc_lora or s2a"
-            )
-        if self.tuning.lora.export_merged and self.model.task == "sequence_classification":
-            problems.append(
-                "tuning.lora.export_merged: not yet for a classifier (its trained head is saved with the "
-                "adapters in final/; load them with peft over the base); drop export_merged"
             )
         if self.tuning.lora.export_merged and self.tuning.method not in ("lora", "luc_lora"):
             problems.append(

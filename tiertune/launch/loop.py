@@ -353,11 +353,16 @@ def _delta(now: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) ->
 def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> tuple[float | None, float | None]:
     """Mean loss and accuracy over the eval split's targets (tokens, or classified rows), from
     ``train.eval_max_batches`` batches at most; (None, None) if it has none."""
+    depth = controller_of(engine.model)
+    if depth is not None and depth.vote == "fitted":  # adaptive depth: the exits' weights, from training data
+        for b in eval_batches(splits.train, cfg.train.micro_batch_size, cfg.tuning.depth.calibration_batches):
+            engine.eval_sums(b)
+            depth.calibrate(b["labels"])
+        depth.fit()
     batches = eval_batches(splits.eval, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
     targets = sum(count_targets(b["labels"]) for b in batches)
     if not targets:
         return None, None
-    depth = controller_of(engine.model)
     total, correct = 0.0, 0
     for b in batches:
         loss, right = engine.eval_sums(b)

@@ -1,8 +1,9 @@
 """Merge LoRA adapters into their base and export a full HF model directory, one tensor at a time.
 
 The base's weights come from where the job got them (a preset's seed, or the model directory's
-safetensors files) and, for a LUC base, from its compressed form decompressed: the merged model is the
-model that was trained. Each adapted weight gets ``scaling * B @ A`` added in fp32, then is written in the
+safetensors files) and, for a LUC base, from its compressed form decompressed; a module trained whole
+beside the adapters (a classifier's new head, peft's ``modules_to_save``) is written as trained: the merged
+model is the model that was trained. Each adapted weight gets ``scaling * B @ A`` added in fp32, then is written in the
 job's weight dtype. The model is never whole in memory: one tensor is read, merged and written at a time.
 """
 
@@ -21,6 +22,7 @@ from tiertune.errors import ConfigError
 from tiertune.launch.models import WEIGHT_DTYPES, base_name, hf_config, skeleton, weight_source
 from tiertune.offload.tensorfile import write_safetensors
 from tiertune.tuning.luc import CompressedLinear, decompress
+from tiertune.tuning.registry import classification_head
 
 MERGED_DIR = "merged"
 
@@ -45,6 +47,16 @@ def _deltas(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, flo
     return out
 
 
+def _trained_whole(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base weight name -> the trained value of each parameter peft trains whole beside the adapters (its
+    ``modules_to_save``: a classifier's new head), which replaces the base's."""
+    return {
+        base_name(n): p.detach()
+        for n, p in model.named_parameters()
+        if ".modules_to_save." in n and p.device.type != "meta"
+    }
+
+
 def _compressed(model: nn.Module) -> dict[str, CompressedLinear]:
     """Base weight name -> the compressed linear that holds it."""
     return {
@@ -53,18 +65,29 @@ def _compressed(model: nn.Module) -> dict[str, CompressedLinear]:
 
 
 def write_merged(
-    cfg: JobConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: Path
+    cfg: JobConfig,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    whole: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the base of ``model`` (a trained peft model: adapters real, base as the job built it) with
-    its adapters merged into ``directory``: config.json, model.safetensors, tokenizer files."""
+    its adapters merged into ``directory``: config.json, model.safetensors, tokenizer files. ``whole``:
+    the values of what trained whole beside the adapters, by base name (default: read from ``model``)."""
     dtype = WEIGHT_DTYPES[cfg.train.dtype]
     deltas, compressed = _deltas(model), _compressed(model)
+    whole = _trained_whole(model) if whole is None else whole
+    if classification_head(model) is not None and not whole:
+        raise ConfigError(["merging a classifier needs its trained head, which this model does not hold"])
     plain = skeleton(cfg.model)  # the base model's own names and shapes (tied weights once)
     names = [(n, tuple(p.shape)) for n, p in plain.named_parameters()]
     source = weight_source(cfg.model, cfg.train.seed, model)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for name, shape in names:
+            if name in whole:  # trained whole (a classifier's head): its value as trained
+                yield name, whole[name].to("cpu", dtype)
+                continue
             if name in compressed:
                 linear = compressed[name]
                 packed = torch.empty_like(linear.packed, device="cpu")
@@ -125,5 +148,8 @@ def merge_run(run_dir: Path, out: Path | None = None) -> Path:
         policy = Policy.from_json((run_dir / POLICY_FILE).read_text())
         compress_layers(model, policy, dtype)
     cast_parameters(model, dtype)
-    set_peft_model_state_dict(model, load_file(str(adapter)))
-    return write_merged(cfg, model, load_tokenizer(cfg.model), out or run_dir / "final" / MERGED_DIR)
+    saved = load_file(str(adapter))
+    set_peft_model_state_dict(model, saved)
+    # what trained whole (a classifier's head) stays meta in this skeleton: its values come from the file
+    whole = {base_name(n): t for n, t in saved.items() if "lora_" not in n}
+    return write_merged(cfg, model, load_tokenizer(cfg.model), out or run_dir / "final" / MERGED_DIR, whole)

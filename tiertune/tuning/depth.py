@@ -21,7 +21,9 @@ step from the step number alone, so a resumed run continues it exactly.
 In evaluation mode the forward runs the whole model, records the hidden state at each exit, and returns
 the vote as its logits: ``max_confidence`` takes at each position the exit whose top probability is
 highest, ``mean_probs`` averages the exits' distributions (the returned logits are then log-probabilities,
-so the loss of the vote is its exact negative log-likelihood). Generation calls the same forward, so it
+so the loss of the vote is its exact negative log-likelihood), and ``fitted`` mixes them with weights
+fitted before each evaluation, on ``tuning.depth.calibration_batches`` batches of the training split
+(:meth:`DepthController.fit`: the maximum-likelihood mixture; deep exits that know more weigh more). Generation calls the same forward, so it
 follows the vote. :meth:`DepthController.score` accumulates per-exit loss and token accuracy.
 
 Cloned heads are modules beside the ones they copy: the final norm and the LM head are wrapped (as peft
@@ -31,6 +33,7 @@ from the original's weights by name (:func:`source_name`), also when the engine 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,7 +106,9 @@ class DepthController:
     window: int | None = None  # the exit the current training step trains through
     active: int | None = None  # the cloned head in use by the forward (None: the model's own)
     handles: list = field(default_factory=list)
+    weights: list[float] | None = None  # the ``fitted`` vote's exit weights (None: equal)
     _captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    _calibration: list[torch.Tensor] = field(default_factory=list)
     _exit_logits: list[torch.Tensor] = field(default_factory=list)
     _scores: dict[str, list[float]] = field(default_factory=dict)
 
@@ -126,7 +131,40 @@ class DepthController:
     # -- evaluation ----------------------------------------------------------------------------------
 
     def vote_logits(self, per_exit: list[torch.Tensor]) -> torch.Tensor:
-        return vote(per_exit, self.vote)
+        return vote(per_exit, self.vote, self.weights)
+
+    def calibrate(self, labels: torch.Tensor) -> None:
+        """Keep the last evaluation forward's per-exit log-probabilities of ``labels``' targets, for
+        :meth:`fit`."""
+        if not self._exit_logits:
+            return
+        target = labels[:, 1:].to(self._exit_logits[0].device)
+        mask = target != IGNORE_INDEX
+        per_exit = [
+            torch.gather(F.log_softmax(lg[:, :-1].float(), -1), -1, target.clamp_min(0)[..., None])[..., 0][
+                mask
+            ]
+            for lg in self._exit_logits
+        ]
+        self._calibration.append(torch.stack(per_exit, dim=1))  # (targets, exits)
+        self._exit_logits = []
+
+    def fit(self, iterations: int = 200) -> list[float] | None:
+        """The exit weights of the ``fitted`` vote: the mixture of the exits' distributions most likely to
+        have produced the calibration targets (expectation-maximisation from equal weights; each
+        iteration cannot lower the likelihood, and a single exit is among the mixtures, so on the
+        calibration targets the vote's loss is at most the best exit's)."""
+        if not self._calibration:
+            return self.weights
+        logp = torch.cat(self._calibration).double()
+        self._calibration = []
+        log_w = torch.full((logp.shape[1],), -math.log(logp.shape[1]), dtype=torch.float64)
+        for _ in range(iterations):
+            joint = logp + log_w
+            resp = joint - torch.logsumexp(joint, dim=1, keepdim=True)
+            log_w = torch.logsumexp(resp, dim=0) - math.log(logp.shape[0])
+        self.weights = [float(w) for w in log_w.exp()]
+        return self.weights
 
     def score(self, labels: torch.Tensor) -> None:
         """Add the last evaluation forward's per-exit and voted loss and token accuracy on ``labels``."""
@@ -148,17 +186,26 @@ class DepthController:
         self._exit_logits = []
 
     def metrics(self) -> dict[str, dict[str, float]]:
-        """Per exit and for the vote: mean token loss and accuracy since the last call."""
+        """Per exit and for the vote: mean token loss and accuracy since the last call (and each exit's
+        weight in a fitted vote)."""
         out = {n: {"loss": s[0] / s[2], "accuracy": s[1] / s[2]} for n, s in self._scores.items() if s[2]}
+        if self.vote == "fitted" and self.weights is not None:  # and each exit's weight in the vote
+            for e, w in zip(self.exits, self.weights):
+                if f"exit@{e}" in out:
+                    out[f"exit@{e}"]["weight"] = w
         self._scores = {}
         return out
 
 
-def vote(per_exit: list[torch.Tensor], how: str) -> torch.Tensor:
+def vote(per_exit: list[torch.Tensor], how: str, weights: list[float] | None = None) -> torch.Tensor:
     """The exits' vote as logits: ``max_confidence`` picks at each position the exit whose top probability
-    is highest (its logits); ``mean_probs`` returns the log of the exits' averaged distributions."""
+    is highest (its logits); ``mean_probs`` returns the log of the exits' averaged distributions, and
+    ``fitted`` of their mixture with ``weights`` (equal while there are none)."""
     stacked = torch.stack([lg.float() for lg in per_exit])  # (exits, batch, seq, vocab)
-    if how == "mean_probs":
+    if how == "fitted" and weights is not None:
+        log_w = torch.tensor(weights, dtype=torch.float32, device=stacked.device).clamp_min(1e-30).log()
+        return torch.logsumexp(F.log_softmax(stacked, -1) + log_w[:, None, None, None], 0)
+    if how in ("mean_probs", "fitted"):
         return torch.logsumexp(F.log_softmax(stacked, -1), 0) - torch.log(torch.tensor(float(len(per_exit))))
     if how != "max_confidence":
         raise ValueError(f"unknown vote {how!r}")
@@ -245,7 +292,8 @@ class DepthTuning(LoraTuning):
         }
         save_file(tensors, str(directory / EXITS_FILE))
         (directory / DEPTH_FILE).write_text(
-            json.dumps({"exits": c.exits, "heads": c.heads, "vote": c.vote}, indent=1) + "\n"
+            json.dumps({"exits": c.exits, "heads": c.heads, "vote": c.vote, "weights": c.weights}, indent=1)
+            + "\n"
         )
 
 
@@ -257,6 +305,12 @@ def load_exits(model: nn.Module, directory: Path) -> None:
     missing, unexpected = model.load_state_dict(saved, strict=False)
     if unexpected:
         raise ConfigError([f"{directory}: exit heads {unexpected[:3]} do not fit this model"])
+    layout = Path(directory) / DEPTH_FILE
+    controller = controller_of(model)
+    if layout.is_file() and controller is not None:  # the fitted vote's weights, as the run last fitted them
+        import json
+
+        controller.weights = json.loads(layout.read_text()).get("weights")
 
 
 def _install(controller: DepthController, lm: nn.Module, layers: nn.ModuleList, heads: list) -> None:
