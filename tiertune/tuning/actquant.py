@@ -259,9 +259,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps))`` computed in fp32, cast back to ``x``'s dtype
     before the weight), keeping the normalized input in 8 bits for backward."""
 
-    def exact(t: torch.Tensor) -> torch.Tensor:
-        h = t.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(t.dtype)
+    return _Norm.apply(x, weight, None, "rms", eps, lambda t: exact_rms_norm(t, weight, eps))
 
-    return _Norm.apply(x, weight, None, "rms", eps, exact)
+
+def exact_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm as the model computes it: normalized in fp32, cast back, then scaled."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

@@ -186,7 +186,7 @@ class QuantizedNorm(nn.Module):
         if self.kind == "layer":
             f = actquant.layer_norm if quantize else _exact_layer_norm
             return f(x, self.weight, self.bias, self.eps)
-        return (actquant.rms_norm if quantize else _exact_rms_norm)(x, self.weight, self.eps)
+        return (actquant.rms_norm if quantize else actquant.exact_rms_norm)(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.kind} norm, eps={self.eps}, 8-bit for backward"
@@ -196,11 +196,6 @@ def _exact_layer_norm(
     x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], w, b, eps)
-
-
-def _exact_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.float()
-    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 # Llama's RMSNorm, which these families copy (``weight * normed.to(input dtype)``, normalized in fp32)
@@ -281,7 +276,7 @@ class _Int8Input(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         codes, scale, weight = ctx.saved_tensors
-        x = (codes.float() * scale).to(ctx.x_dtype)
+        x = actquant.dequantize8(codes, scale).to(ctx.x_dtype)
         gx = grad @ weight.to(grad.dtype)
         gw = grad.reshape(-1, grad.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
         return gx, gw.to(weight.dtype), None
@@ -297,9 +292,7 @@ class _LastInput:
     def quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (x.data_ptr(), x._version, tuple(x.shape), x.dtype)
         if key != self.key:
-            scale = x.detach().abs().amax(-1, keepdim=True).float().clamp_min(1e-30) / 127
-            codes = torch.round(x.detach().float() / scale).to(torch.int8)
-            self.key, self.value = key, (codes, scale)
+            self.key, self.value = key, actquant.quantize8(x)
         return self.value
 
 
