@@ -423,7 +423,7 @@ class Prompt:
         return torch.cat([output[:, : self.at], prompt, output[:, self.at :]], dim=1)
 
     def widen(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("past_key_values", kwargs.get("cache"))  # transformers 5.24 calls it cache
         if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
             raise ConfigError(
                 [
