@@ -126,15 +126,16 @@ class Tracer:
         out.append({"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "tiertune"}})
         return out
 
-    def save(self, directory: Path) -> list[Path]:
-        """Write ``trace.json`` and, when there are counters, ``memory.png``; return what was written."""
-        path = directory / "trace.json"
+    def save(self, directory: Path, suffix: str = "") -> list[Path]:
+        """Write ``trace{suffix}.json`` and, when there are counters, ``memory{suffix}.png``; return what was
+        written."""
+        path = directory / f"trace{suffix}.json"
         path.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
         written = [path]
         with self._lock:
             counters = list(self._counters)
         if counters:
-            written.append(plot_tiers(counters, directory / "memory.png"))
+            written.append(plot_tiers(counters, directory / f"memory{suffix}.png"))
         return written
 
 

@@ -1,6 +1,7 @@
 """Turn config files and ``key=value`` overrides into a validated :class:`JobConfig`.
 
-Precedence: schema defaults < the config file < command-line overrides (later overrides win).
+Precedence: schema defaults < a DeepSpeed config the job names (``deepspeed``, mapped by
+:mod:`tiertune.config.deepspeed`) < the config file < command-line overrides (later overrides win).
 Every problem (unknown key, bad type, value out of range, cross-key conflict, missing file) is
 collected and raised together as one :class:`ConfigError`, each naming its dotted key.
 """
@@ -21,6 +22,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from tiertune.config.deepspeed import Mapping, from_deepspeed, read_deepspeed
 from tiertune.config.schema import JobConfig
 from tiertune.errors import ConfigError, DataError, ModelError
 
@@ -40,6 +42,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     override_tree, problems = parse_overrides(overrides)
     merged = _deep_merge(raw, override_tree)
+    if isinstance(merged.get("deepspeed"), str) and merged["deepspeed"].strip():
+        mapping = deepspeed_mapping(merged["deepspeed"])
+        merged = _deep_merge(mapping.tree(), merged)  # what the job says itself wins
+        problems += [f"deepspeed ({merged['deepspeed']}): {p}" for p in mapping.problems]
     cfg, build_problems = build_dataclass(JobConfig, merged)
     problems += build_problems
     _apply_derived_defaults(cfg)
@@ -54,6 +60,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def deepspeed_mapping(path: str | Path) -> Mapping:
+    """The DeepSpeed config at ``path`` in this project's keys (``WORLD_SIZE``, torchrun's, checks its
+    ``train_batch_size``)."""
+    import os
+
+    return from_deepspeed(read_deepspeed(path), ranks=int(os.environ.get("WORLD_SIZE", "1") or 1))
 
 
 def _derive_labels(cfg: JobConfig) -> list[str]:

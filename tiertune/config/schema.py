@@ -311,6 +311,11 @@ class TrainConfig:
         _non_negative,
     )
     log_every: int = opt(10, "steps between progress lines when the bar is off", _positive)
+    tensorboard: Literal["auto", "on", "off"] = opt(
+        "auto",
+        "also write each step's metrics as TensorBoard scalars into <output_dir>/tensorboard; auto: when "
+        "the tensorboard package is installed",
+    )
     progress: Literal["auto", "bar", "lines", "off"] = opt(
         "auto", "auto: a bar on a terminal, lines otherwise"
     )
@@ -425,6 +430,12 @@ class JobConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     output_dir: str | None = opt(None, "where checkpoints and metrics go; default a new runs/<time>-<model>")
+    deepspeed: str | None = opt(
+        None,
+        "a DeepSpeed JSON config (ds_config.json) read as this job's keys: its zero_optimization offload "
+        "sections, batch, clipping, precision, optimizer and scheduler (`tiertune validate --deepspeed FILE` "
+        "shows what maps); the job's own keys win",
+    )
 
     def cross_problems(self) -> list[str]:
         """Problems that involve more than one key (single-key checks live in field metadata)."""

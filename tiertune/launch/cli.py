@@ -1,6 +1,9 @@
 """The ``tiertune`` command line.
 
-    tiertune train [CONFIG] [key=value ...]     run a job (no CONFIG: the embedded default job)
+    tiertune train [CONFIG] [key=value ...]     run a job (no CONFIG: the embedded default job); under
+                                                torchrun, one rank of a job sharded over its ranks
+    tiertune launch [TORCHRUN OPTIONS] [CONFIG] [key=value ...]
+                                                torchrun --nproc-per-node ... -m tiertune train CONFIG
     tiertune validate CONFIG [key=value ...]    check a config without running it
     tiertune keys                               every config key with its default and meaning
     tiertune presets                            the built-in models and their training-state sizes
@@ -9,6 +12,10 @@
     tiertune plan [CONFIG] [key=value ...]      where each block's state would live, and the predicted step
                                                 (luc_lora: the measured compression policy too)
     tiertune merge RUN_DIR [--out DIR]          a LoRA run's adapters merged into its base: a full HF model
+    tiertune deepspeed-config [CONFIG] [key=value ...] [--out FILE]
+                                                the job as a DeepSpeed (ZeRO-3) config
+
+train, validate and plan take --deepspeed ds_config.json: a DeepSpeed config read as the job's keys.
 
 Exit status: 0 done, 2 bad input (config, data, checkpoint, output directory; the message says what to
 do), 130 interrupted, 1 anything else (a bug: the traceback is kept).
@@ -31,11 +38,13 @@ EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_JOB = ("offload.optimizer=nvme",)
 
 
-def _split_args(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """``[CONFIG] [k=v ...]`` -> (config path or None, overrides); no CONFIG means the default job."""
+def _split_args(args: Sequence[str], deepspeed: str | None = None) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [k=v ...]`` -> (config path or None, overrides); no CONFIG means the default job, or
+    with a DeepSpeed config (``--deepspeed``) the defaults and what it says."""
+    named = [f"deepspeed={deepspeed}"] if deepspeed else []
     if args and "=" not in args[0]:
-        return args[0], list(args[1:])
-    return None, [*DEFAULT_JOB, *args]
+        return args[0], [*named, *args[1:]]
+    return None, [*(named or DEFAULT_JOB), *args]
 
 
 def _positive_int(text: str) -> int:
@@ -65,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a .yaml/.toml job file, then overrides such as optim.lr=3e-4",
     )
     validate = sub.add_parser("validate", help="check a config without running it")
-    validate.add_argument("args", nargs="+", metavar="CONFIG [key=value]")
+    validate.add_argument("args", nargs="*", metavar="CONFIG [key=value]")
     validate.add_argument("--print", action="store_true", help="print the resolved config")
     sub.add_parser("keys", help="list every config key with its default and meaning")
     sub.add_parser("presets", help="list the built-in models")
@@ -73,8 +82,23 @@ def _parser() -> argparse.ArgumentParser:
     blocks.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
     plan = sub.add_parser("plan", help="place the job's state across the tiers (the model is not allocated)")
     plan.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    for command in (train, validate, plan):
+        command.add_argument(
+            "--deepspeed",
+            metavar="DS_CONFIG",
+            help="a DeepSpeed JSON config read as the job's keys (its offload sections, batch, optimizer, "
+            "scheduler); the job's own keys win",
+        )
+    export = sub.add_parser("deepspeed-config", help="write the job as a DeepSpeed (ZeRO-3) JSON config")
+    export.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]")
+    export.add_argument("--out", help="write it here (default: print it)")
     merge = sub.add_parser(
         "merge", help="merge a finished LoRA run's adapters into its base: a full HF model directory"
+    )
+    sub.add_parser(
+        "launch",
+        help="run a job on several processes (torchrun's options, then [CONFIG] [key=value ...])",
+        add_help=False,
     )
     merge.add_argument("run_dir", help="the run's output_dir")
     merge.add_argument("--out", help="where to write it (default RUN_DIR/final/merged)")
@@ -97,13 +121,60 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+LAUNCH_USAGE = """usage: tiertune launch [TORCHRUN OPTIONS] [CONFIG] [key=value ...]
+
+Runs `tiertune train [CONFIG] [key=value ...]` on every process torchrun starts: every block's state is
+sharded over the ranks. Every torchrun option works, e.g.
+  tiertune launch --nproc-per-node 2 examples/tiny-llama-full.yaml
+  tiertune launch --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      --rdzv-id job1 job.yaml        (the same command on every machine)
+torchrun's options follow.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "launch":  # torchrun's own options: its parser reads them, not ours
+        return _launch(argv[1:])
     ns = _parser().parse_args(argv)
     try:
         return _COMMANDS[ns.command](ns)
     except TiertuneError as e:
-        print(f"tiertune: error: {e}", file=sys.stderr)
+        return _error(e)
+    except KeyboardInterrupt:
+        print("tiertune: interrupted; resume with the same command (train.resume=auto)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _error(e: TiertuneError) -> int:
+    """Print a user error; on a job's ranks, each its own (an echo of another rank's is rank 0's to say)."""
+    from tiertune.launch.distributed import ranks_from_env
+    from tiertune.offload.shard import RankError
+
+    try:
+        ranks = ranks_from_env()
+    except TiertuneError:
+        ranks = None
+    if ranks is not None and isinstance(e, RankError) and ranks.rank != 0:
         return EXIT_BAD_INPUT
+    where = f" (rank {ranks.rank})" if ranks is not None and not isinstance(e, RankError) else ""
+    print(f"tiertune: error{where}: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _launch(args: list[str]) -> int:
+    if args[:1] in (["-h"], ["--help"]):
+        print(LAUNCH_USAGE)
+        from torch.distributed import run
+
+        run.get_args_parser().print_help()
+        return EXIT_OK
+    from tiertune.launch.distributed import launch
+
+    try:
+        return launch(args)
+    except TiertuneError as e:
+        return _error(e)
     except KeyboardInterrupt:
         print("tiertune: interrupted; resume with the same command (train.resume=auto)", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -112,25 +183,95 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(ns: argparse.Namespace) -> int:
     from tiertune.config import load_config
 
-    path, overrides = _split_args(ns.args)
+    path, overrides = _split_args(ns.args, ns.deepspeed)
     cfg = load_config(path, overrides)
     _quiet()
+    if cfg.deepspeed:
+        from tiertune.launch.progress import say
+
+        say(_deepspeed_report(cfg))
     from tiertune.launch.loop import format_summary, run
 
     summary = run(cfg)
-    print(format_summary(summary))
+    from tiertune.launch.distributed import ranks_from_env
+
+    ranks = ranks_from_env()
+    if ranks is None or ranks.rank == 0:  # the job's summary, once
+        print(format_summary(summary))
     return EXIT_OK
 
 
 def _validate(ns: argparse.Namespace) -> int:
     from tiertune.config import dump_config, load_config
 
-    path, overrides = _split_args(ns.args)
-    if path is None:
-        print("tiertune: error: validate needs a config file first", file=sys.stderr)
+    path, overrides = _split_args(ns.args, ns.deepspeed)
+    if path is None and not ns.deepspeed:
+        print("tiertune: error: validate needs a config file (or --deepspeed FILE) first", file=sys.stderr)
         return EXIT_BAD_INPUT
+    cfg = load_config(path, overrides)  # a DeepSpeed config alone: over the defaults
+    if cfg.deepspeed:
+        print(_deepspeed_report(cfg))
+    print(dump_config(cfg) if ns.print else f"{path or cfg.deepspeed}: valid")
+    return EXIT_OK
+
+
+def _deepspeed_report(cfg) -> str:  # noqa: ANN001 (a JobConfig; the config package is imported lazily)
+    """What the job's DeepSpeed config mapped to, what it left to tiertune, and where the job's own
+    keys won over it."""
+    from tiertune.config import config_to_dict
+    from tiertune.config.loader import deepspeed_mapping
+
+    mapping = deepspeed_mapping(cfg.deepspeed)
+    resolved = config_to_dict(cfg)
+
+    def value(key: str) -> object:
+        node = resolved
+        for part in key.split("."):
+            node = node[part]
+        return node
+
+    lines = [f"DeepSpeed config {cfg.deepspeed}:"]
+    for ds_key, key, mapped in mapping.mapped:
+        kept = value(key)
+        won = f" (the job's own {key}={kept!r} wins)" if kept != mapped else ""
+        lines.append(f"  {ds_key} -> {key}={mapped!r}{won}")
+    for keys, why in mapping.left_by_reason():
+        lines.append(f"  {', '.join(keys)}: {why}")
+    return "\n".join(lines)
+
+
+def _deepspeed_config(ns: argparse.Namespace) -> int:
+    import json
+
+    from tiertune.config import load_config
+
+    path, overrides = _split_args(ns.args)
     cfg = load_config(path, overrides)
-    print(dump_config(cfg) if ns.print else f"{path}: valid")
+    _quiet()
+    from tiertune.config.deepspeed import to_deepspeed
+    from tiertune.launch.plan import plan_job
+    from tiertune.memory import Kind, Tier
+
+    plans = {}
+
+    def placement(kind: str) -> str:
+        """An ``auto`` placement as the plan resolves it: the tier that holds most of that state."""
+        if "plan" not in plans:
+            plans["plan"] = plan_job(cfg)
+        k = Kind.PARAMS if kind == "params" else Kind.OPTIMIZER
+        held: dict[Tier, int] = {}
+        for b in plans["plan"].blocks:
+            held[b.home[k]] = held.get(b.home[k], 0) + b.bytes[k]
+        return max(held, key=held.get).value
+
+    text = json.dumps(to_deepspeed(cfg, placement), indent=2) + "\n"
+    if ns.out:
+        from pathlib import Path
+
+        Path(ns.out).write_text(text)
+        print(f"DeepSpeed config written to {ns.out}")
+    else:
+        print(text, end="")
     return EXIT_OK
 
 
@@ -188,7 +329,7 @@ def _blocks(ns: argparse.Namespace) -> int:
 def _plan(ns: argparse.Namespace) -> int:
     from tiertune.config import load_config
 
-    path, overrides = _split_args(ns.args)
+    path, overrides = _split_args(ns.args, ns.deepspeed)
     cfg = load_config(path, overrides)
     _quiet()
     from pathlib import Path
@@ -278,4 +419,5 @@ _COMMANDS = {
     "probe": _probe,
     "plan": _plan,
     "merge": _merge,
+    "deepspeed-config": _deepspeed_config,
 }

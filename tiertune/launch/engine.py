@@ -31,6 +31,7 @@ from tiertune.launch.progress import say
 from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
 from tiertune.offload import find_blocks, planner
 from tiertune.offload.planner import OPTIMIZER_SLOTS, Plan
+from tiertune.offload.shard import ShardGroup
 from tiertune.offload.store import NvmeStore
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import write_safetensors
@@ -78,6 +79,8 @@ def correct_count(logits: torch.Tensor, labels: torch.Tensor) -> int:
 
 
 class TrainEngine:
+    group: ShardGroup | None = None  # the ranks the state is sharded over (the streaming engine's)
+
     def __init__(
         self,
         model: nn.Module,
@@ -208,6 +211,7 @@ class StreamingEngine(TrainEngine):
         cleanup: Callable[[], None] | None = None,
     ) -> None:
         self.streamer, self.store, self.plan, self._cleanup = streamer, store, plan, cleanup
+        self.group = streamer.group
         self._closed = False
         super().__init__(model, updater, device, dtype, ledger)
 
@@ -232,6 +236,7 @@ class StreamingEngine(TrainEngine):
                 self.updater.arm(step_lr)
             with trace.span("compute", "backward"):
                 (loss_sum / step_targets).backward()
+                self.updater.backward_done()  # sharded: the rest of the gradients summed across ranks
         finally:
             self.streamer.backward = False
             self.updater.disarm()
@@ -254,12 +259,22 @@ class StreamingEngine(TrainEngine):
             for name, offset, shape in zip(f.flat.names, f.flat.offsets, f.shapes):
                 yield name, data[offset : offset + shape.numel()].view(shape)
 
-    def _write_weights(self, path: Path, flats: list[Flat], masters: bool = False) -> None:
+    def _write_weights(self, path: Path | None, flats: list[Flat], masters: bool = False) -> None:
+        """Write ``flats``' weights into a safetensors file at ``path``; sharded, every rank calls this (the
+        weights are gathered) and rank 0 writes: ``path`` None on the others."""
+
         def dtype(f: Flat) -> torch.dtype:
             return torch.float32 if masters and f.trainable else f.dtype
 
         entries = [(n, dtype(f), tuple(s)) for f in flats for n, s in zip(f.flat.names, f.shapes)]
-        write_safetensors(path, entries, self._weights(flats, masters), metadata={"format": "pt"})
+        weights = self._weights(flats, masters)
+        try:
+            if path is not None:
+                write_safetensors(path, entries, weights, metadata={"format": "pt"})
+        finally:
+            if self.group is not None:  # the other ranks' gathers go on to the end, even after an error
+                for _ in weights:
+                    pass
 
     def trainable(self) -> dict[str, torch.Tensor]:
         """What the optimizer updates, by parameter name (copies, read from their homes)."""
@@ -270,12 +285,23 @@ class StreamingEngine(TrainEngine):
         trainable = [f for f in self.streamer.flats if f.trainable]
         return {n: t.to("cpu", copy=True) for n, t in self._weights(trainable, masters)}
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path | None) -> None:
         """The trainable weights (their fp32 masters, if any) and the optimizer state, streamed from their
-        homes block by block."""
+        homes block by block. Sharded, every rank takes part and rank 0 writes (``directory`` None on the
+        others): the files are those of one process, so any number of ranks resumes from them."""
         trainable = [f for f in self.streamer.flats if f.trainable]
-        self._write_weights(directory / TRAINABLE_FILE, trainable, masters=True)
+        failed: Exception | None = None
+        try:
+            self._write_weights(
+                None if directory is None else directory / TRAINABLE_FILE, trainable, masters=True
+            )
+        except Exception as e:
+            if self.group is None:
+                raise
+            failed, directory = e, None  # write nothing more, but take part in the other ranks' gathers
         self.updater.save(directory)
+        if failed is not None:
+            raise failed
         if self.store is not None:
             self.store.sync()
 
@@ -295,32 +321,33 @@ class StreamingEngine(TrainEngine):
             for f in self.streamer.flats:
                 if not f.trainable:
                     continue
-                data = self.streamer.resident(f)
-                for name, offset, shape in zip(f.flat.names, f.flat.offsets, f.shapes):
-                    t = fh.get_tensor(name)
-                    if t.shape != shape:
+                for name, shape in zip(f.flat.names, f.shapes):
+                    if fh.get_slice(name).get_shape() != list(shape):
                         raise CheckpointError(
-                            f"checkpoint {directory}: {name} has shape {tuple(t.shape)}, the model {tuple(shape)}"
+                            f"checkpoint {directory}: {name} has shape "
+                            f"{tuple(fh.get_slice(name).get_shape())}, the model {tuple(shape)}"
                         )
-                    data[offset : offset + shape.numel()].copy_(t.reshape(-1))  # rounded, if 16-bit
-                self.streamer.writeback(f)
+                self.streamer.load_weights(f, saved(f, fh))  # rounded, if 16-bit
             self.streamer.drain()
             self.updater.load(directory, masters=lambda f: saved(f, fh))
 
     def export(self, method: TuningMethod, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
         """A full model is written block by block from its homes (never whole in memory): an HF model
         directory. Other methods export from the model, with its weights gathered back into it."""
+        writes = self.group is None or self.group.main  # sharded: every rank gathers, rank 0 writes
         if method.name != "full":  # adapters: only the trained weights come back, the base stays home
             self.close(frozen=False)
-            method.export(self.model, tokenizer, directory)
+            if writes:
+                method.export(self.model, tokenizer, directory)
             return
-        directory.mkdir(parents=True, exist_ok=True)
-        self.model.config.architectures = [type(self.model).__name__]  # as save_pretrained records it
-        self.model.config.save_pretrained(directory)
-        if getattr(self.model, "generation_config", None) is not None:
-            self.model.generation_config.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-        self._write_weights(directory / "model.safetensors", self.streamer.flats)
+        if writes:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.model.config.architectures = [type(self.model).__name__]  # as save_pretrained records it
+            self.model.config.save_pretrained(directory)
+            if getattr(self.model, "generation_config", None) is not None:
+                self.model.generation_config.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
+        self._write_weights(directory / "model.safetensors" if writes else None, self.streamer.flats)
 
     def close(self, gather: bool = True, frozen: bool = True) -> None:
         """Remove the hooks, bring the weights back into the model (``gather``; the frozen ones too unless
@@ -366,26 +393,42 @@ def build_engine(
     budgets: Budgets | None = None,
     ledger: Ledger | None = None,
     store_dir: Path | None = None,
+    group: ShardGroup | None = None,
 ) -> TrainEngine:
     """Plan the job and build the engine that follows the plan.
 
     Everything at home on the device (and no ``offload.*`` set): the model stays as it is and torch's
     AdamW updates it. Otherwise the weights go into flat blocks in their homes, streamed through a window
     on the device, and :class:`BlockAdamW` updates each block where its state lives. NVMe homes go into a
-    store in ``offload.nvme_dir``, else in ``store_dir`` (made for the run and deleted after it).
+    store in ``offload.nvme_dir``, else in ``store_dir`` (made for the run and deleted after it). With
+    ``group`` (several ranks) every block's state is sharded over the ranks, always in the block engine;
+    each rank's store is a ``rank-N`` directory of its own.
     """
     ledger = ledger or Ledger()
-    budgets = budgets or resolve_budgets(cfg.memory, device)
+    share = group.local_world if group is not None else 1
+    budgets = budgets or resolve_budgets(cfg.memory, device, share=share)
     forced = any(getattr(cfg.offload, k) != "auto" for k in ("params", "grads", "optimizer"))
-    plan = plan_model(cfg, model, budgets, _store_room(cfg, store_dir))
+    if group is not None:
+        store_dir = store_dir / f"rank-{group.rank}" if store_dir is not None else None
+    room = _store_room(cfg, store_dir) // share  # the ranks of a machine share its drives
+    plan = plan_model(cfg, model, budgets, room, shards=group.world if group is not None else 1)
     everything_home = all(b.home[k] is Tier.DEVICE for b in plan.blocks for k in b.home)
-    if everything_home and not forced:
+    if everything_home and not forced and group is None:
         if any(p.is_meta for p in model.parameters()):
             materialize(model, weight_source(cfg.model, cfg.train.seed, model), device)
         model.to(device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return TrainEngine(model, TorchAdamWUpdater(named, cfg.optim), device, cfg.train.dtype, ledger)
-    return _streaming_engine(cfg, model, device, budgets, ledger, plan, store_dir)
+    return _streaming_engine(cfg, model, device, budgets, ledger, plan, store_dir, group)
+
+
+def _remove_store(store_dir: Path, shared: bool) -> None:
+    """Delete a run's own store directory; ``shared``: it is one rank's, in a directory of every rank's,
+    which the last rank to finish removes."""
+    shutil.rmtree(store_dir, ignore_errors=True)
+    if shared:
+        with contextlib.suppress(OSError):  # not empty yet: another rank's store is still there
+            store_dir.parent.rmdir()
 
 
 def _store_room(cfg: JobConfig, store_dir: Path | None) -> int:
@@ -402,6 +445,7 @@ def _streaming_engine(
     ledger: Ledger,
     plan: Plan,
     store_dir: Path | None,
+    group: ShardGroup | None,
 ) -> StreamingEngine:
     params = {b.name: b.home[Kind.PARAMS] for b in plan.blocks}
     optim = {b.name: b.home[Kind.OPTIMIZER] for b in plan.blocks if b.trainable}
@@ -422,6 +466,10 @@ def _streaming_engine(
     if nvme_bytes:
         if cfg.offload.nvme_dir:
             dirs = nvme_dirs(cfg)
+            if group is not None:  # a store per rank: each holds its own lock
+                dirs = [d / f"rank-{group.rank}" for d in dirs]
+                for d in dirs:
+                    d.mkdir(exist_ok=True)
         else:
             if store_dir is None:
                 raise ConfigError(
@@ -435,7 +483,7 @@ def _streaming_engine(
             say("NVMe I/O through DeepSpeed's async_io op (compiled on first use: a few minutes, once)")
         store = NvmeStore(dirs, nvme_bytes + slack, ledger=ledger, backend=cfg.offload.io_backend)
         if not cfg.offload.nvme_dir:  # ours alone now (the store holds its lock): deleted after the run
-            cleanup = lambda: shutil.rmtree(store_dir, ignore_errors=True)  # noqa: E731
+            cleanup = lambda: _remove_store(store_dir, shared=group is not None)  # noqa: E731
     try:
         blocks = find_blocks(model)
         streamer = BlockStreamer(
@@ -448,6 +496,7 @@ def _streaming_engine(
             ledger=ledger,
             home_nodes={Tier.CXL: list(budgets.cxl_nodes)},
             make=_maker(model, lambda: weight_source(cfg.model, cfg.train.seed, model)),
+            group=group,
         )
         updater = BlockAdamW(
             streamer,
@@ -460,7 +509,7 @@ def _streaming_engine(
             slots=plan.buffers.get("optimizer", (0, OPTIMIZER_SLOTS))[1],  # as many as the plan counted
             order=[n for n, p in model.named_parameters() if p.requires_grad],
             overlap=cfg.optim.overlap,
-            rollback_bytes=_rollback_room(cfg, plan, device),
+            rollback_bytes=_rollback_room(cfg, plan, device, group.world if group is not None else 1),
             kernel=_kernel(cfg),
             **_interleaving(cfg, device, plan),
         )
@@ -523,15 +572,17 @@ def _kernel(cfg: JobConfig) -> AdamWKernel:
 UNDO_SHARE = 0.25
 
 
-def _rollback_room(cfg: JobConfig, plan: Plan, device: torch.device) -> int:
-    """Host memory for undoing speculative updates: :data:`UNDO_SHARE` of what undoing every block takes,
-    at most half of what the plan leaves free on the host side (the rest stays a margin)."""
+def _rollback_room(cfg: JobConfig, plan: Plan, device: torch.device, shards: int = 1) -> int:
+    """Host memory for undoing speculative updates: :data:`UNDO_SHARE` of what undoing every block takes
+    (this rank's shards of them), at most half of what the plan leaves free on the host side (the rest
+    stays a margin)."""
     if cfg.optim.overlap != "backward":
         return 0
     host = Tier.DEVICE if device.type == "cpu" else Tier.HOST
     free = plan.budgets.get(host, 0) - plan.peak_bytes.get(host, 0)
-    room = min(max(0, free) // 2, int(UNDO_SHARE * 12 * sum(b.trainable for b in plan.blocks)))
-    if room < 12 * max(b.trainable for b in plan.blocks):
+    trainable = [-(-b.trainable // shards) for b in plan.blocks]
+    room = min(max(0, free) // 2, int(UNDO_SHARE * 12 * sum(trainable)))
+    if room < 12 * max(trainable):
         say(
             "note: no spare host memory to undo speculative updates: each block's update waits for its next forward"
         )

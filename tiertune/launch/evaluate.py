@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,13 +19,18 @@ def greedy_complete(
     prompt: str,
     max_new_tokens: int,
     device: torch.device,
+    agree: Callable[[int], int] | None = None,
 ) -> str:
-    """The argmax continuation of ``prompt`` up to <eos> or ``max_new_tokens`` (no KV cache: short answers)."""
+    """The argmax continuation of ``prompt`` up to <eos> or ``max_new_tokens`` (no KV cache: short answers).
+    ``agree`` maps each token chosen to the one every rank of a sharded model decodes (rank 0's), so all
+    of them run the same forwards (each gathers every block from all)."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     ids = torch.tensor([bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
     new: list[int] = []
     for _ in range(max_new_tokens):
         next_id = int(model(input_ids=ids).logits[0, -1].argmax())
+        if agree is not None:
+            next_id = agree(next_id)
         if next_id == tokenizer.eos_token_id:
             break
         new.append(next_id)
@@ -38,6 +44,7 @@ def exact_match(
     examples: list[Example],
     limit: int,
     device: torch.device,
+    agree: Callable[[int], int] | None = None,
 ) -> dict[str, Any] | None:
     """Share of the first ``limit`` held-out prompt/completion examples answered exactly (whitespace-trimmed)."""
     tasks = [e for e in examples if e.prompt is not None][:limit]
@@ -48,7 +55,7 @@ def exact_match(
     samples, correct = [], 0
     for ex in tasks:
         budget = len(tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) + 4
-        answer = greedy_complete(model, tokenizer, ex.prompt, budget, device)
+        answer = greedy_complete(model, tokenizer, ex.prompt, budget, device, agree)
         ok = answer.strip() == ex.completion.strip()
         correct += ok
         if len(samples) < 5:

@@ -2,6 +2,10 @@
 
 :func:`run` is the whole job. The loop itself only talks to a :class:`TrainEngine` (micro-batch,
 step, save, load), so placements and optimizers beneath it change without changing this file.
+
+On several ranks (torchrun) every rank runs this loop: each takes its slice of every micro-batch (the
+rows a single process would train on, split in rank order), the engine shards the state and sums the
+gradients, and rank 0 alone writes the run's files (metrics, checkpoints, the export, the summary).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import torch
 from tiertune import trace
 from tiertune.config import JobConfig
 from tiertune.errors import ConfigError, RunDirError
-from tiertune.launch import resume
+from tiertune.launch import distributed, resume
+from tiertune.launch.board import Board
 from tiertune.launch.checkpoint import Checkpoint
 from tiertune.launch.data import BatchStream, Splits, build_splits, count_targets, eval_batches
 from tiertune.launch.engine import TrainEngine, build_engine
@@ -51,6 +56,7 @@ from tiertune.memory import (
     resolve_budgets,
     rss_bytes,
 )
+from tiertune.offload.shard import ShardGroup
 from tiertune.optim import StepReport, lr_at
 from tiertune.tuning import get_method
 from tiertune.tuning.depth import controller_of
@@ -80,6 +86,7 @@ class Summary:
     final_checkpoint: str | None
     export_dir: str
     memory: dict[str, Any]  # the ledger: bytes per tier and kind now, peak per tier, waste; and the budgets
+    ranks: int = 1  # processes the job ran on (its state sharded over them); the figures above are rank 0's
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,30 +100,61 @@ def pick_device(name: str) -> torch.device:
 
 
 def run(cfg: JobConfig, callbacks: Sequence[StepCallback] = ()) -> Summary:
-    """Run the job ``cfg`` to ``train.max_steps``, resuming per ``train.resume``; return the summary."""
+    """Run the job ``cfg`` to ``train.max_steps``, resuming per ``train.resume``; return the summary. Under
+    torchrun, this process is one rank of the job (see :mod:`tiertune.launch.distributed`)."""
     started = time.perf_counter()
-    device = pick_device(cfg.train.device)
-    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
-    cfg.output_dir = str(out)
-    run_dir = RunDir(out)
-    try:
-        return _run(cfg, run_dir, device, callbacks, started)
-    except OSError as e:  # the output filesystem: full, read-only, or gone
-        raise RunDirError(
-            f"cannot write in output_dir {str(out)!r}: {e}. Checkpoints already written are "
-            "intact: make room or fix the directory, then rerun to resume"
-        ) from None
-    finally:
-        run_dir.close()
+    device = distributed.device_of(distributed.ranks_from_env(), pick_device(cfg.train.device))
+    with distributed.join(device) as group:
+        # One output directory for the job: rank 0 names it and holds it (its lock); it writes there.
+        out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+        out = Path(_main(group, lambda: str(out)))
+        cfg.output_dir = str(out)
+        run_dir = _main(group, lambda: RunDir(out), share=False)
+        try:
+            return _run(cfg, out, run_dir, device, group, callbacks, started)
+        except OSError as e:  # the output filesystem: full, read-only, or gone
+            raise RunDirError(
+                f"cannot write in output_dir {str(out)!r}: {e}. Checkpoints already written are "
+                "intact: make room or fix the directory, then rerun to resume"
+            ) from None
+        finally:
+            if run_dir is not None:
+                run_dir.close()
+
+
+def _main(group: ShardGroup | None, fn: Callable[[], Any], share: bool = True) -> Any:
+    """``fn()`` on rank 0 alone (it reads or writes the run's files), its result shared with every rank
+    (with ``share`` False, rank 0 keeps it and the others get None); its error reaches every rank."""
+    if group is None:
+        return fn()
+    if share:
+        return group.on_main(fn)
+    kept: list[Any] = [None]
+
+    def keep() -> None:
+        kept[0] = fn()
+
+    group.on_main(keep)
+    return kept[0]
 
 
 def _run(
-    cfg: JobConfig, run_dir: RunDir, device: torch.device, callbacks: Sequence[StepCallback], started: float
+    cfg: JobConfig,
+    out: Path,
+    run_dir: RunDir | None,
+    device: torch.device,
+    group: ShardGroup | None,
+    callbacks: Sequence[StepCallback],
+    started: float,
 ) -> Summary:
-    out = run_dir.path
     say(f"output directory: {out}")
-    resume_from = resume.find_resume_point(cfg, out)
-    run_dir.write_config(cfg)
+    if group is not None:
+        say(
+            f"{group.world} ranks ({group.local_world} on this machine), every block's state sharded over them"
+        )
+    resume_from = _main(group, lambda: resume.find_resume_point(cfg, out, group.world if group else 1))
+    if run_dir is not None:
+        run_dir.write_config(cfg)
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -135,21 +173,22 @@ def _run(
     splits = build_splits(cfg.data, tokenizer, cfg.train.seed, labels=_class_names(cfg))
     policy = None
     if uses_luc(cfg):  # the base's linears compressed by a policy measured on the job's own data
-        policy = job_policy(cfg, out, splits.train)
+        policy = Policy.from_json(_main(group, lambda: job_policy(cfg, out, splits.train).to_json()))
         compress_layers(model, policy, WEIGHT_DTYPES[cfg.train.dtype])
-        write_atomic(out / POLICY_FILE, policy.to_json() + "\n")
+        if run_dir is not None:
+            write_atomic(out / POLICY_FILE, policy.to_json() + "\n")
         say(policy.describe())
     model = cast_parameters(model, WEIGHT_DTYPES[cfg.train.dtype])
     if cfg.train.activation_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    budgets = resolve_budgets(cfg.memory, device)
+    budgets = resolve_budgets(cfg.memory, device, share=group.local_world if group is not None else 1)
     ledger = Ledger()
     tracer = trace.Tracer() if cfg.train.trace else None
     if tracer is not None:
         trace.install(tracer)
         ledger.watch(tracer.counter)
     try:
-        engine = build_engine(cfg, model, device, budgets, ledger, store_dir=out / "nvme-store")
+        engine = build_engine(cfg, model, device, budgets, ledger, store_dir=out / "nvme-store", group=group)
         try:
             return _train(
                 cfg,
@@ -171,7 +210,10 @@ def _run(
     finally:
         if tracer is not None:
             trace.install(None)
-            written = tracer.save(out)
+            # each rank its own trace (rank 0's is trace.json)
+            written = tracer.save(
+                out, suffix=f".rank{group.rank}" if group is not None and group.rank else ""
+            )
             say(f"trace: {', '.join(str(p) for p in written)} (open trace.json in ui.perfetto.dev)")
 
 
@@ -202,15 +244,26 @@ def _train(
         f"{cfg.data.seq_len} tokens; device {device}, {cfg.train.dtype}"
     )
 
+    group = engine.group
+    main = group is None or group.main  # the rank that writes the run's files
     state = LoopState()
     last_ckpt: Checkpoint | None = resume_from
     if resume_from is not None:
         state = resume.restore(resume_from, engine, fingerprints)
         say(f"resumed from {resume_from.path} (step {state.step})")
     resumed_step = state.step
-    stream = BatchStream(splits.train, cfg.train.micro_batch_size, cfg.train.seed, state.data_position)
-    metrics = MetricsLog(out / "metrics.jsonl", resumed_step)
-    progress = Progress(cfg.train.progress, cfg.train.max_steps, state.step, cfg.train.log_every)
+    # Every rank draws the same rows, a micro-batch for all the ranks at a time, and trains on its slice.
+    ranks = group.world if group is not None else 1
+    stream = BatchStream(
+        splits.train, cfg.train.micro_batch_size * ranks, cfg.train.seed, state.data_position
+    )
+    metrics = MetricsLog(out / "metrics.jsonl", resumed_step) if main else None
+    board = Board(cfg.train.tensorboard if main else "off", out, resumed_step)
+    if board.path is not None:
+        say(f"TensorBoard: tensorboard --logdir {board.path}")
+    progress = Progress(
+        cfg.train.progress if main else "off", cfg.train.max_steps, state.step, cfg.train.log_every
+    )
     eval_loss = eval_accuracy = None
     try:
         for step in range(state.step + 1, cfg.train.max_steps + 1):
@@ -227,7 +280,9 @@ def _train(
                         f"step {step} eval by exit: "
                         + ", ".join(f"{n} {m['loss']:.4f}" for n, m in exits.items())
                     )
-            metrics.write(row)
+            if metrics is not None:
+                metrics.write(row)
+            board.write(row)
             progress.update(row)
             if cfg.train.checkpoint_every and (last or step % cfg.train.checkpoint_every == 0):
                 engine.settle()  # outside the checkpoint's own error handling: a store error is no disk's
@@ -236,29 +291,83 @@ def _train(
                 callback(row)
     finally:
         progress.close()
-        metrics.close()
+        board.close()
+        if metrics is not None:
+            metrics.close()
 
     if resumed_step == cfg.train.max_steps:  # nothing left to train: report the checkpoint's eval loss
         eval_loss, eval_accuracy = evaluate(engine, splits, cfg)
     em = (
-        exact_match(engine.model, tokenizer, splits.eval_examples, cfg.train.eval_exact_match_samples, device)
+        exact_match(
+            engine.model,
+            tokenizer,
+            splits.eval_examples,
+            cfg.train.eval_exact_match_samples,
+            device,
+            agree=group.first if group is not None else None,  # every rank decodes rank 0's tokens
+        )
         if cfg.train.eval_exact_match_samples
         else None
     )
     export_dir = out / "final"
     engine.settle()
+    failure = None
     try:
-        engine.export(method, tokenizer, export_dir)
-        if policy is not None:
+        engine.export(method, tokenizer, export_dir)  # every rank: the weights are gathered
+        if policy is not None and main:
             write_atomic(export_dir / POLICY_FILE, policy.to_json() + "\n")
-        if cfg.tuning.lora.export_merged:  # lora or luc_lora (the config refuses it elsewhere)
+        if cfg.tuning.lora.export_merged and main:  # lora or luc_lora (the config refuses it elsewhere)
             say(
                 f"merging the adapters into the base: {write_merged(cfg, engine.model, tokenizer, export_dir / MERGED_DIR)}"
             )
     except Exception as e:  # safetensors reports a full disk as its own error type
+        failure = e
+    if group is not None:  # a rank that failed to export: none of them goes on
+        group.agree(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
         kept = f"; checkpoint {last_ckpt.path} holds the trained weights" if last_ckpt else ""
-        raise RunDirError(f"cannot export the result to {export_dir}: {e}{kept}") from None
-    rows = metrics.rows()
+        raise RunDirError(f"cannot export the result to {export_dir}: {failure}{kept}") from None
+    return _main(
+        group,
+        lambda: _summarize(
+            cfg,
+            out,
+            engine,
+            state,
+            resumed_step,
+            started,
+            eval_loss,
+            eval_accuracy,
+            em,
+            trainable,
+            total,
+            last_ckpt,
+            export_dir,
+            budgets,
+            device,
+        ),
+    )
+
+
+def _summarize(
+    cfg: JobConfig,
+    out: Path,
+    engine: TrainEngine,
+    state: LoopState,
+    resumed_step: int,
+    started: float,
+    eval_loss: float | None,
+    eval_accuracy: float | None,
+    em: dict[str, Any] | None,
+    trainable: int,
+    total: int,
+    last_ckpt: Checkpoint | None,
+    export_dir: Path,
+    budgets: Budgets,
+    device: torch.device,
+) -> Summary:
+    """The run's summary (written to summary.json) and its loss curve, from the metrics written."""
+    rows = MetricsLog.read(out / "metrics.jsonl")
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     write_loss_svg(rows, out / "loss.svg", f"{describe(cfg.model)} / {cfg.tuning.method}")
     summary = Summary(
@@ -281,6 +390,7 @@ def _train(
         final_checkpoint=str(last_ckpt.path) if last_ckpt else None,
         export_dir=str(export_dir),
         memory={**engine.ledger.snapshot(), "budget_bytes": _budget_dict(budgets)},
+        ranks=engine.group.world if engine.group is not None else 1,
     )
     write_atomic(out / "summary.json", json.dumps(asdict(summary), indent=1) + "\n")
     return summary
@@ -296,13 +406,16 @@ def _train_step(
     moved_before = engine.moved_bytes()
     batches = [stream.next_batch() for _ in range(cfg.train.grad_accum_steps)]
     # The step's loss is the mean over every target token of all its micro-batches; each micro-batch
-    # contributes sum/targets, so accumulation equals one big batch (up to float summation order).
+    # contributes sum/targets, so accumulation equals one big batch (up to float summation order). On
+    # several ranks each trains on its slice of every micro-batch and the gradients are summed: the same.
     targets = sum(count_targets(b["labels"]) for b in batches)
     lr = lr_at(step, cfg.optim, cfg.train.max_steps)
     if targets:
         last = len(batches) - 1  # its backward may begin the update: it is told the step's lr
-        sums = [engine.forward_backward(b, targets, lr if i == last else None) for i, b in enumerate(batches)]
-        loss: float | None = sum(sums) / targets
+        mine = [_slice(b, engine.group) for b in batches]
+        sums = [engine.forward_backward(b, targets, lr if i == last else None) for i, b in enumerate(mine)]
+        total = sum(sums) if engine.group is None else engine.group.sum([sum(sums)])[0]
+        loss: float | None = total / targets
         report = engine.step(lr)
     else:  # only prompt tokens in these rows: an update would apply momentum and decay with no gradient
         loss, report = None, StepReport(grad_norm=float("nan"), skipped=True)
@@ -340,6 +453,14 @@ def _train_step(
     return row
 
 
+def _slice(batch: dict[str, torch.Tensor], group: ShardGroup | None) -> dict[str, torch.Tensor]:
+    """This rank's rows of a micro-batch drawn for every rank: an equal share, in rank order."""
+    if group is None:
+        return batch
+    rows = len(batch["input_ids"]) // group.world
+    return {k: v[group.rank * rows : (group.rank + 1) * rows] for k, v in batch.items()}
+
+
 def _delta(now: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     out = {}
     for direction, kinds in now.items():
@@ -352,24 +473,51 @@ def _delta(now: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) ->
 
 def evaluate(engine: TrainEngine, splits: Splits, cfg: JobConfig) -> tuple[float | None, float | None]:
     """Mean loss and accuracy over the eval split's targets (tokens, or classified rows), from
-    ``train.eval_max_batches`` batches at most; (None, None) if it has none."""
+    ``train.eval_max_batches`` batches at most; (None, None) if it has none. The batches are those of one
+    process whatever the ranks (``micro_batch_size`` rows for each rank); each rank evaluates its share
+    of every batch, and the sums are added up."""
+    group = engine.group
+    rows = cfg.train.micro_batch_size * (group.world if group is not None else 1)
     depth = controller_of(engine.model)
     if depth is not None and depth.vote == "fitted":  # adaptive depth: the exits' weights, from training data
-        for b in eval_batches(splits.train, cfg.train.micro_batch_size, cfg.tuning.depth.calibration_batches):
+        # every rank calibrates on all the rows: the fit comes out the same on each
+        for b in eval_batches(splits.train, rows, cfg.tuning.depth.calibration_batches):
             engine.eval_sums(b)
             depth.calibrate(b["labels"])
         depth.fit()
-    batches = eval_batches(splits.eval, cfg.train.micro_batch_size, cfg.train.eval_max_batches)
+    batches = eval_batches(splits.eval, rows, cfg.train.eval_max_batches)
     targets = sum(count_targets(b["labels"]) for b in batches)
     if not targets:
         return None, None
     total, correct = 0.0, 0
     for b in batches:
-        loss, right = engine.eval_sums(b)
-        total, correct = total + loss, correct + right
+        mine, counted = _eval_slice(b, group)
+        loss, right = engine.eval_sums(mine)
+        if counted:
+            total, correct = total + loss, correct + right
+            if depth is not None:
+                depth.score(mine["labels"])
+    if group is not None:
+        total, correct = group.sum([total, correct])
         if depth is not None:
-            depth.score(b["labels"])
+            depth.merge_scores(group.sum)
     return total / targets, correct / targets
+
+
+def _eval_slice(
+    batch: dict[str, torch.Tensor], group: ShardGroup | None
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """This rank's rows of an eval batch (the last may be short: the first ranks take a row more), and
+    whether they count: a rank left without rows runs the forward on one row anyway (the others need it
+    for their gathers) and drops its result."""
+    if group is None:
+        return batch, True
+    n = len(batch["input_ids"])
+    per = -(-n // group.world)
+    lo, hi = min(n, group.rank * per), min(n, (group.rank + 1) * per)
+    if lo == hi:
+        return {k: v[:1] for k, v in batch.items()}, False
+    return {k: v[lo:hi] for k, v in batch.items()}, True
 
 
 def _class_names(cfg: JobConfig) -> list[str] | None:
@@ -393,7 +541,8 @@ def _budget_dict(b: Budgets) -> dict[str, int]:
 
 def format_summary(s: Summary) -> str:
     resumed = f", resumed at step {s.resumed_from_step}" if s.resumed_from_step else ""
-    lines = [f"done: {s.steps} steps in {s.wall_time_s:.1f}s ({s.tokens_seen:,} tokens{resumed})"]
+    ranks = f" on {s.ranks} ranks" if s.ranks > 1 else ""
+    lines = [f"done: {s.steps} steps in {s.wall_time_s:.1f}s{ranks} ({s.tokens_seen:,} tokens{resumed})"]
     if s.first_loss is not None:
         lines.append(f"  train loss {s.first_loss:.4f} (first step) -> {s.final_loss:.4f} (last step)")
     if s.eval_loss is not None:
@@ -406,7 +555,8 @@ def format_summary(s: Summary) -> str:
     if s.skipped_steps:
         lines.append(f"  {s.skipped_steps} step(s) skipped (non-finite gradient or no target token)")
     device = f", peak device {format_bytes(s.peak_device_bytes)}" if s.peak_device_bytes else ""
-    lines.append(f"  peak RSS {format_bytes(s.peak_rss_bytes)}{device}")
+    each = " (rank 0; each rank holds its share)" if s.ranks > 1 else ""
+    lines.append(f"  peak RSS {format_bytes(s.peak_rss_bytes)}{device}{each}")
     for tier, peak in s.memory["peak_bytes"].items():
         held = ", ".join(f"{kind} {format_bytes(n)}" for kind, n in s.memory["bytes"].get(tier, {}).items())
         budget = s.memory["budget_bytes"].get(tier)

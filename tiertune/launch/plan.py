@@ -64,8 +64,9 @@ def machine_profile(cfg: JobConfig) -> MachineProfile | None:
     return MachineProfile.load(path) if (cfg.offload.machine_profile or path.exists()) else None
 
 
-def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: int) -> Plan:
-    """Plan ``model`` (on any device, meta included) for ``cfg`` under ``budgets``."""
+def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: int, shards: int = 1) -> Plan:
+    """Plan ``model`` (on any device, meta included) for ``cfg`` under ``budgets``: one rank's share when
+    the state is sharded over ``shards`` ranks."""
     shapes = [
         BlockShape(
             b.name,
@@ -101,6 +102,7 @@ def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: i
         forced=forced,
         prefetch_depth=None if depth == "auto" else depth,
         profile=profile,
+        shards=shards,
     )
 
 

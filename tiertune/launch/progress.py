@@ -29,7 +29,18 @@ def quiet_libraries() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+# Set while the job runs on several ranks: rank 0 speaks for the job, the others keep quiet.
+_rank: int | None = None
+
+
+def set_rank(rank: int | None) -> None:
+    global _rank
+    _rank = rank
+
+
 def say(message: str) -> None:
+    if _rank:
+        return
     print(f"tiertune: {message}", file=sys.stderr, flush=True)
 
 

@@ -113,7 +113,12 @@ class MetricsLog:
         self._file.flush()
 
     def rows(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return self.read(self.path)
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        """The rows of a metrics file."""
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def close(self) -> None:
         self._file.close()

@@ -28,7 +28,12 @@ def host_reserve(total: int) -> int:
     return max(GIB, total // 10)
 
 
-def resolve_budgets(cfg: MemoryConfig, device: torch.device, nodes: list[NumaNode] | None = None) -> Budgets:
+def resolve_budgets(
+    cfg: MemoryConfig, device: torch.device, nodes: list[NumaNode] | None = None, share: int = 1
+) -> Budgets:
+    """The budgets of one process: ``auto`` reads the machine, split evenly between the ``share``
+    processes (ranks) that run on it; a number in the config is each process's own. An accelerator is
+    each rank's own (torchrun gives every rank its device)."""
     nodes = discover() if nodes is None else nodes
     cxl = select_cxl_nodes(nodes, cfg.cxl_nodes)
 
@@ -43,7 +48,7 @@ def resolve_budgets(cfg: MemoryConfig, device: torch.device, nodes: list[NumaNod
             ]
         )
     vm = psutil.virtual_memory()
-    host = given(cfg.host_budget_gib, max(0, vm.available - host_reserve(vm.total)))
+    host = given(cfg.host_budget_gib, max(0, vm.available - host_reserve(vm.total)) // share)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         device_auto = max(0, min(free, total - total // 10))  # keep 10% for the allocator and kernels
@@ -52,7 +57,7 @@ def resolve_budgets(cfg: MemoryConfig, device: torch.device, nodes: list[NumaNod
     return Budgets(
         device=given(cfg.device_budget_gib, device_auto),
         host=host,
-        cxl=given(cfg.cxl_budget_gib, sum(n.free_bytes for n in cxl)),
+        cxl=given(cfg.cxl_budget_gib, sum(n.free_bytes for n in cxl) // share),
         cxl_nodes=tuple(n.id for n in cxl),
         device_is_host=device.type != "cuda",
     )

@@ -11,10 +11,14 @@ weights, each of which crosses the bus twice a step when homed elsewhere; with a
 and optimizer state). Host DRAM takes gradients first (they are summed every micro-batch, so only memory
 holds them), then optimizer state (the CPU update runs there), then weights; CXL takes weights first
 (copies run at nearly full speed from CXL, CPU updates do not); NVMe takes optimizer state and weights.
+
+Sharded over ``shards`` ranks, each rank's homes hold 1/shards of every block's state, while its window
+holds whole blocks (gathered from every rank), so the weights always stream through the window.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -102,17 +106,17 @@ def activation_bytes_estimate(
     return layers * tokens * (9 * hidden + 4 * ffn) * compute_bytes + 2 * tokens * vocab * 4
 
 
-def block_bytes(shape: BlockShape, compute_bytes: int) -> dict[Kind, int]:
+def block_bytes(shape: BlockShape, compute_bytes: int, shards: int = 1) -> dict[Kind, int]:
     """Bytes of each home kind: weights in the compute dtype (or as ``param_bytes`` says); fp32 gradients; two fp32 Adam moments, plus an
-    fp32 master copy when the weights are kept in a 16-bit dtype. Each rounded up to 4 KiB, as the pool
-    and the NVMe store hold them."""
+    fp32 master copy when the weights are kept in a 16-bit dtype; one rank's share of them over ``shards``
+    ranks. Each rounded up to 4 KiB, as the pool and the NVMe store hold them."""
     master = 4 if compute_bytes < 4 else 0
     raw = {
         Kind.PARAMS: shape.numel * compute_bytes if shape.param_bytes is None else shape.param_bytes,
         Kind.GRADS: shape.trainable * 4,
         Kind.OPTIMIZER: shape.trainable * (8 + master),
     }
-    return {k: align_up(n) if n else 0 for k, n in raw.items()}
+    return {k: align_up(math.ceil(n / shards)) if n else 0 for k, n in raw.items()}
 
 
 def plan_placement(
@@ -126,11 +130,13 @@ def plan_placement(
     forced: dict[Kind, Tier | None],
     prefetch_depth: int | None,
     profile: MachineProfile | None,
+    shards: int = 1,
 ) -> Plan:
     """Place every block's params, grads and optimizer state (see the module docstring for the policy).
 
     ``forced`` pins a kind to one tier (None: auto); ``prefetch_depth`` None chooses it from the tiers the
     weights stream from. ``activation_bytes`` is what the forward pass saves for backward, all layers.
+    ``shards``: the ranks the state is sharded over; the budgets and the plan are one rank's.
     """
     if forced[Kind.GRADS] is Tier.NVME:
         raise PlanError(
@@ -139,10 +145,14 @@ def plan_placement(
                 "set offload.grads to auto, device, host or cxl"
             ]
         )
-    plans = [BlockPlan(b.name, b.kind, b.numel, b.trainable, block_bytes(b, compute_bytes)) for b in blocks]
+    plans = [
+        BlockPlan(b.name, b.kind, b.numel, b.trainable, block_bytes(b, compute_bytes, shards)) for b in blocks
+    ]
     if budgets.device_is_host:  # without an accelerator the device tier is the host: 'host' means it
         forced = {k: Tier.DEVICE if t is Tier.HOST else t for k, t in forced.items()}
     biggest = {k: max(p.bytes[k] for p in plans) for k in HOME_KINDS}
+    gathered = shards > 1  # sharded weights stream whatever their home: a slot holds a whole block
+    biggest[Kind.PARAMS] = max(block_bytes(b, compute_bytes)[Kind.PARAMS] for b in blocks)
     capacity = {
         Tier.DEVICE: budgets.device,
         Tier.HOST: budgets.host,
@@ -156,12 +166,16 @@ def plan_placement(
     # moving needs: the deepest window of weights in flight, the gradients of the block in backward, and
     # the staging slots. What turns out not to move is given back in the reported peaks.
     may_move = set()
-    if all_resident > budgets.device or any(forced[k] not in (None, Tier.DEVICE) for k in HOME_KINDS):
+    if (
+        gathered
+        or all_resident > budgets.device
+        or any(forced[k] not in (None, Tier.DEVICE) for k in HOME_KINDS)
+    ):
         may_move = {k for k in HOME_KINDS if forced[k] is not Tier.DEVICE}
     most_depth = prefetch_depth if prefetch_depth is not None else 2
     left = dict(capacity)
     left[Tier.DEVICE] -= activation_bytes
-    if Kind.PARAMS in may_move:
+    if Kind.PARAMS in may_move or gathered:
         left[Tier.DEVICE] -= (most_depth + WINDOW_EXTRA) * biggest[Kind.PARAMS]
     if Kind.GRADS in may_move:
         left[Tier.DEVICE] -= biggest[Kind.PARAMS]  # the block's gradients in the compute dtype, leaving
@@ -181,7 +195,7 @@ def plan_placement(
     # On an accelerator the block engine updates on the CPU: once anything streams, gradients and
     # optimizer state live off the device.
     cpu_update = not budgets.device_is_host and (
-        all_resident > budgets.device or any(forced[k] is not None for k in HOME_KINDS)
+        gathered or all_resident > budgets.device or any(forced[k] is not None for k in HOME_KINDS)
     )
     if cpu_update and Tier.DEVICE in (forced[Kind.GRADS], forced[Kind.OPTIMIZER]):
         raise PlanError(
@@ -215,16 +229,17 @@ def plan_placement(
     if any(p.home[Kind.OPTIMIZER] is Tier.NVME for p in plans if p.bytes[Kind.OPTIMIZER]):
         moved.add(Kind.OPTIMIZER)
     weights_from = {p.home[Kind.PARAMS] for p in plans} - {Tier.DEVICE}
+    streams = bool(weights_from) or gathered
     if prefetch_depth is not None:
-        depth = prefetch_depth if weights_from else 0
+        depth = prefetch_depth if streams else 0
     else:  # hide a slower tier behind more blocks of compute
-        depth = 2 if Tier.NVME in weights_from else 1 if weights_from else 0
+        depth = 2 if Tier.NVME in weights_from else 1 if streams else 0
     staging = _staging(depth, biggest, moved, budgets.device_is_host)
     source = (
         "from the machine profile" if profile is not None else "from built-in figures: run `tiertune probe`"
     )
-    window = (biggest[Kind.PARAMS], depth + WINDOW_EXTRA) if weights_from else (0, 0)
-    peaks = _peaks(plans, activation_bytes, staging, depth, budgets.device_is_host)
+    window = (biggest[Kind.PARAMS], depth + WINDOW_EXTRA) if streams else (0, 0)
+    peaks = _peaks(plans, activation_bytes, staging, window, biggest[Kind.PARAMS], budgets.device_is_host)
     over = [t for t, n in peaks.items() if n > capacity[t]]
     if over:  # the reservation covered the deepest window: a smaller one cannot exceed it
         raise AssertionError(f"plan exceeds its budgets on {over}: {peaks} vs {capacity}")
@@ -259,18 +274,18 @@ def _peaks(
     plans: list[BlockPlan],
     activation_bytes: int,
     staging: dict[str, tuple[int, int]],
-    depth: int,
+    window: tuple[int, int],
+    block_bytes: int,
     device_is_host: bool,
 ) -> dict[Tier, int]:
     """Peak bytes per tier once placed: the homes, plus on the device the activations and whatever streams
-    through it (the weights in flight and the gradients of the block in backward), plus the staging slots."""
+    through it (the ``window``'s slots of weights in flight, and the gradients of the block in backward:
+    ``block_bytes``, the biggest block's weights), plus the staging slots."""
     peak = {t: sum(p.bytes[k] for p in plans for k in HOME_KINDS if p.home[k] is t) for t in TIER_ORDER}
-    biggest = max(p.bytes[Kind.PARAMS] for p in plans)
-    peak[Tier.DEVICE] += activation_bytes
-    if any(p.home[Kind.PARAMS] is not Tier.DEVICE for p in plans):  # the window of weights in flight
-        peak[Tier.DEVICE] += (depth + WINDOW_EXTRA) * biggest
+    slot, slots = window
+    peak[Tier.DEVICE] += activation_bytes + slot * slots
     if "grads" in staging:
-        peak[Tier.DEVICE] += biggest
+        peak[Tier.DEVICE] += block_bytes
     peak[Tier.DEVICE if device_is_host else Tier.HOST] += sum(size * n for size, n in staging.values())
     return {t: n for t, n in peak.items() if n}
 

@@ -18,14 +18,24 @@ for a CUDA device, an NVMe extent) and a *window* of a few device slots they are
 
 Weights only change in the optimizer step, which writes them back to their home (:meth:`writeback`), so
 an evicted flat is simply dropped. Hooks are removable (:meth:`close`).
+
+Across ranks (a :class:`ShardGroup`), each rank homes one shard of every flat (see :mod:`shard`) and every
+flat streams: a fetch brings this rank's shard to its place in the slot, then an all-gather fills in the
+others'. Gathers go out in the order fetches started, at points every rank reaches in the same order
+(a block's pre-hook, a fetch that must finish), each once its own shard is in place; so the drive's
+read of a block overlaps the compute of the block before it, and its gather the compute of the blocks
+after that. A shard's update changes the whole flat for every rank, so it drops the window copy, and a
+pending update of a block runs before the block's gather goes out (the streamer asks for it).
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,8 +45,9 @@ from tiertune.memory import Kind, Ledger, Tier
 from tiertune.memory.numa import align_up, numa_empty
 from tiertune.memory.pool import BufferPool, PoolBuffer, PoolExhausted
 from tiertune.offload.blocks import Block
-from tiertune.offload.flat import FlatParams, flatten_meta, flatten_params
+from tiertune.offload.flat import FlatParams, flat_buffer, flatten_meta, flatten_params
 from tiertune.offload.planner import WINDOW_EXTRA
+from tiertune.offload.shard import ShardGroup, Span
 from tiertune.offload.store import Extent, NvmeStore, PendingIO, settle
 
 # Tests set this to run the accelerator's staged NVMe path (drive -> host buffer -> window) on the CPU.
@@ -65,6 +76,8 @@ class Flat:
     writing: PendingIO | None = None  # a write to the NVMe home not yet finished
     staged: PoolBuffer | None = None  # host buffer a staged read of the NVMe home lands in
     host: PoolBuffer | None = None  # host copy of the weights for a CPU-side update (:meth:`host_copy`)
+    span: Span | None = None  # this rank's shard of the flat, when the flats are sharded across ranks
+    gathering: Any = None  # the all-gather (torch.distributed work) filling ``slot``, not yet waited for
     last_use: int = 0
     role: int = 0  # its place among its block's streamed flats: slots are sized per role
     shapes: list[torch.Size] = field(default_factory=list)
@@ -73,12 +86,23 @@ class Flat:
 
     @property
     def streamed(self) -> bool:
-        return self.home is not Tier.DEVICE
+        """Computed from a window slot: its home is not the device, or holds only this rank's shard."""
+        return self.home is not Tier.DEVICE or self.span is not None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of its slot: the flat's bytes rounded up to 4 KiB (what one O_DIRECT transfer moves)."""
-        return align_up(self.numel * self.dtype.itemsize)
+        """Bytes of its slot: the flat's bytes (every rank's shard, when sharded) rounded up to 4 KiB."""
+        return align_up((self.numel if self.span is None else self.span.full) * self.dtype.itemsize)
+
+    @property
+    def home_numel(self) -> int:
+        """Elements its home holds: the flat, or this rank's shard with its padding."""
+        return self.numel if self.span is None else self.span.size
+
+    @property
+    def home_nbytes(self) -> int:
+        """Bytes its home holds, rounded up to 4 KiB (what one O_DIRECT transfer of the home moves)."""
+        return align_up(self.home_numel * self.dtype.itemsize)
 
     @property
     def trainable(self) -> bool:
@@ -98,10 +122,12 @@ class BlockStreamer:
         ledger: Ledger,
         home_nodes: dict[Tier, list[int]] | None = None,
         make: Callable[[dict[str, torch.Tensor]], dict[str, nn.Parameter]] | None = None,
+        group: ShardGroup | None = None,
     ) -> None:
         """``homes`` maps a block name to the home tier of its weights; ``depth`` blocks are fetched ahead.
         Parameters still on the meta device are created block by block by ``make`` (see
-        :func:`flatten_meta`) and go to their home at once: a model larger than memory is never whole."""
+        :func:`flatten_meta`) and go to their home at once: a model larger than memory is never whole.
+        With ``group``, each home holds this rank's shard of its flat only."""
         if device.type == "cuda" and device.index is None:  # tensors say cuda:0, never plain cuda
             device = torch.device("cuda", torch.cuda.current_device())
         self.model, self.device, self.depth, self.store, self.ledger = model, device, depth, store, ledger
@@ -119,6 +145,8 @@ class BlockStreamer:
         self.before_use: Callable[[int], None] | None = None
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.waits = 0  # times a flat was needed while its fetch was still in flight
+        self.group = group
+        self._gathers: deque[Flat] = deque()  # fetches whose gather has not gone out, in the order started
         for i, b in enumerate(blocks):
             # One flat per dtype, role (trained or frozen) and origin (made here, or made already: LoRA's
             # adapters, or a classifier head's copy peft trains beside them, which is made here).
@@ -136,6 +164,8 @@ class BlockStreamer:
                 f = Flat(len(self.flats), i, fp, made, homes[b.name])
                 f.shapes = [p.shape for p in f.params]
                 f.dtype, f.numel = fp.buffer.dtype, fp.buffer.numel()
+                if group is not None:
+                    f.span = group.span(f.numel, f.dtype)
                 self.flats.append(f)
                 self._place_home(f, (home_nodes or {}).get(f.home))
         self.by_block: list[list[Flat]] = [
@@ -162,10 +192,11 @@ class BlockStreamer:
         self._stage: BufferPool | None = None
         self._retiring: list[tuple[torch.cuda.Event | None, PendingIO | None, PoolBuffer]] = []
         nvme = [f for f in self.flats if f.home is Tier.NVME]
-        if self.staged and nvme:
+        # Sharded NVMe homes are read straight into the window, but a shard's update needs host buffers.
+        if (self.staged or group is not None) and nvme:
             classes: dict[int, int] = {}  # one set of buffers per streamed role (LoRA: base, adapters)
             for role in {f.role for f in nvme}:
-                size = max(f.nbytes for f in nvme if f.role == role)
+                size = max(f.home_nbytes for f in nvme if f.role == role)
                 classes[size] = classes.get(size, 0) + depth + WINDOW_EXTRA
             self._stage = BufferPool(
                 classes,
@@ -187,34 +218,43 @@ class BlockStreamer:
         return numa_empty(nbytes)
 
     def _place_home(self, f: Flat, nodes: list[int] | None) -> None:
-        """Move the flat's freshly built weights to their home and account for them."""
-        buffer = f.flat.buffer
-        if f.home is Tier.DEVICE:
+        """Move the flat's freshly built weights to their home (this rank's shard of them, when sharded)
+        and account for them."""
+        buffer, raw = f.flat.buffer, f.flat.slot
+        if f.span is not None:  # this rank keeps its shard (zero-padded to whole pages), drops the rest
+            buffer, raw = flat_buffer(f.span.size, f.dtype, torch.device("cpu"))
+            buffer[: f.span.numel].copy_(f.flat.buffer[f.span.lo : f.span.hi])
+            buffer[f.span.numel :].zero_()
+            f.flat.buffer = f.flat.slot = None
+        if f.home is Tier.DEVICE and f.span is None:  # computed on where it lives
             if buffer.device != self.device:
                 moved = self._alloc(f.nbytes).view(f.dtype)[: f.numel]
                 moved.copy_(buffer)
                 self._point(f, moved)
                 f.flat.buffer = moved
             f.home_buffer = f.flat.buffer
+        elif f.home is Tier.DEVICE:  # the shard on the device: the whole flat is gathered into a slot
+            f.home_buffer = buffer.to(self.device)
+            self._unpoint(f)
         elif f.home is Tier.NVME:
             if self.store is None:
                 raise ValueError("weights homed on NVMe need a store")
-            f.extent = self.store.allocate(f"{f.flat.block}#{f.index}", f.nbytes, Kind.PARAMS)
+            f.extent = self.store.allocate(f"{f.flat.block}#{f.index}", f.home_nbytes, Kind.PARAMS)
             if not f.trainable:  # counted apart: a tuned base's traffic is what compression cuts
                 f.extent.label = "frozen params"
-            self.store.write(f.extent, f.flat.slot).wait()
+            self.store.write(f.extent, raw[: f.home_nbytes]).wait()
             f.flat.buffer = f.flat.slot = None  # the only copy is on the drive now
             self._unpoint(f)
         else:  # host or CXL memory of a CUDA machine
-            home = numa_empty(f.nbytes, nodes=nodes, interleave=bool(nodes) and len(nodes) > 1)
-            typed = home.view(f.dtype)[: f.numel]
+            home = numa_empty(f.home_nbytes, nodes=nodes, interleave=bool(nodes) and len(nodes) > 1)
+            typed = home.view(f.dtype)[: f.home_numel]
             typed.copy_(buffer)
             if torch.cuda.is_available():
                 torch.cuda.cudart().cudaHostRegister(home.data_ptr(), home.numel(), 0)
             f.home_buffer = typed
             self._unpoint(f)
         if f.home is not Tier.NVME:
-            self.ledger.add(f.home, Kind.PARAMS, f.nbytes)
+            self.ledger.add(f.home, Kind.PARAMS, f.home_nbytes)
 
     def _point(self, f: Flat, buffer: torch.Tensor) -> None:
         with torch.no_grad():
@@ -262,6 +302,8 @@ class BlockStreamer:
             self._retire()
             for f in [f for f in self.flats if f.staged is not None and f.pending.transferred()]:
                 self._land(f)
+        if self.group is not None:  # the shards read since the last block are in place: gather them
+            self._launch_gathers()
         flats = [f for f in self.by_block[block] if f.streamed]
         self._ensure(flats)
         step = -1 if self.backward else 1
@@ -269,6 +311,8 @@ class BlockStreamer:
         keep = set(flats)
         for j in ahead:
             if 0 <= j < len(self.by_block):
+                if self.group is not None and self.before_use is not None:
+                    self.before_use(j)  # a pending update changes the shards: it lands before the gather
                 for f in self.by_block[j]:
                     if f.streamed and f.slot is None:
                         slot = self._take_slot(f.role, keep)
@@ -318,6 +362,9 @@ class BlockStreamer:
         ][1]
 
     def _start_fetch(self, f: Flat, slot: torch.Tensor) -> None:
+        if f.span is not None:
+            self._start_shard_fetch(f, slot)
+            return
         if f.home is Tier.NVME:
             try:
                 self._wait_write(f)  # never read a home while its newest bytes are on their way to it
@@ -339,7 +386,78 @@ class BlockStreamer:
         self._async_copy(f, slot.view(f.dtype)[: f.numel], f.home_buffer)
         f.home_read = f.copied
 
+    def _start_shard_fetch(self, f: Flat, slot: torch.Tensor) -> None:
+        """Bring this rank's shard to its place in the slot; the gather of the others' goes out later (see
+        :meth:`_launch_gathers`)."""
+        f.slot = slot
+        self._owner[self._slot_index(slot)] = f
+        try:
+            if f.home is Tier.NVME:
+                self._wait_write(f)  # never read a home while its newest bytes are on their way to it
+                if self.staged:
+                    f.staged = self._acquire_stage(f.home_nbytes)
+                    f.pending = self.store.read(f.extent, f.staged.slot)
+                else:  # straight into its place: a shard is whole pages
+                    f.pending = self.store.read(f.extent, self._own_part(f))
+            elif self.cuda:  # the shard's host or device home, copied on the side stream
+                self._async_copy(f, self._own_part(f).view(f.dtype), f.home_buffer)
+                f.home_read = f.copied
+            else:
+                self._own_part(f).view(f.dtype).copy_(f.home_buffer)
+        except BaseException:
+            self._abandon(f)
+            raise
+        self._gathers.append(f)
+
+    def _own_part(self, f: Flat) -> torch.Tensor:
+        """The bytes of the flat's slot that hold this rank's shard (all of it, unsharded)."""
+        if f.span is None:
+            return f.slot[: f.nbytes]
+        return f.slot[f.span.rank * f.home_nbytes : (f.span.rank + 1) * f.home_nbytes]
+
+    def _launch_gathers(self, upto: Flat | None = None) -> None:
+        """Send out the gathers of the fetches started so far, oldest first (every rank started them in the
+        same order), each once its own shard is in place; up to and including ``upto``'s, or all."""
+        if upto is not None and upto not in self._gathers:
+            return
+        while self._gathers:
+            f = self._gathers.popleft()
+            try:
+                if f.staged is not None:  # read into a host buffer: on to its place in the slot
+                    self._land(f)
+                elif f.pending is not None:
+                    pending, f.pending = f.pending, None
+                    pending.wait()
+            except BaseException:
+                self._abandon(f)
+                raise
+            if self.cuda:  # NCCL's stream waits for the side stream: the shard's copy into place comes first
+                with torch.cuda.stream(self.copy_stream):
+                    f.gathering = self.group.gather(f.slot[: f.nbytes])
+            else:
+                f.gathering = self.group.gather(f.slot[: f.nbytes])
+            if f is upto:
+                return
+
+    def _finish_gather(self, f: Flat) -> None:
+        self._launch_gathers(upto=f)
+        if f.gathering is not None:
+            gathering, f.gathering = f.gathering, None
+            if not gathering.is_completed():  # the compute stalls on the other ranks: count it, show it
+                self.waits += 1
+                with trace.span("compute", f"wait for {f.flat.block} gather"):
+                    gathering.wait()
+            else:
+                gathering.wait()
+        if f.copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(f.copied)
+            f.copied = None
+        self._point(f, f.slot.view(f.dtype)[: f.numel])
+
     def _finish_fetch(self, f: Flat) -> None:
+        if f.span is not None:
+            self._finish_gather(f)
+            return
         if f.pending is None and f.copied is None:
             if f.slot is not None and f.params[0].data.data_ptr() != f.slot.data_ptr():
                 self._point(f, f.slot.view(f.dtype)[: f.numel])
@@ -390,7 +508,8 @@ class BlockStreamer:
         """Copy host bytes (uint8, or the flat's own dtype) into the flat's window slot: on the side stream,
         after every kernel queued so far (one may still read the slot's old weights), with an event the
         compute will wait for."""
-        dst = f.slot[: f.nbytes] if src.dtype == torch.uint8 else f.slot.view(f.dtype)[: f.numel]
+        part = self._own_part(f)
+        dst = part if src.dtype == torch.uint8 else part.view(f.dtype)[: f.home_numel]
         if self.cuda:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             self._async_copy(f, dst, src)
@@ -414,6 +533,12 @@ class BlockStreamer:
 
     def _abandon(self, f: Flat) -> None:
         """A fetch into the flat's slot failed: give the slot back, so nothing computes on what it holds."""
+        with contextlib.suppress(ValueError):
+            self._gathers.remove(f)
+        if f.gathering is not None:  # a collective cannot be called back: let it finish first
+            with contextlib.suppress(Exception):
+                f.gathering.wait()
+            f.gathering = None
         if f.staged is not None:
             settle(f.pending)
             self._stage.release(f.staged)
@@ -435,7 +560,7 @@ class BlockStreamer:
                 self._stage.release(buf)
             self._abandon(f)
             raise
-        self._copy_in(f, buf.slot[: f.nbytes])
+        self._copy_in(f, buf.slot[: f.home_nbytes])
         self._retiring.append((f.copied, None, buf))
 
     def _retire(self, block: bool = False) -> None:
@@ -468,7 +593,11 @@ class BlockStreamer:
             if self._retiring:
                 self._retire(block=True)
             elif landing:  # every buffer holds a read: let the oldest land in its slot
-                self._finish_fetch(min(landing, key=lambda f: f.last_use))
+                oldest = min(landing, key=lambda f: f.last_use)
+                if oldest.span is not None:  # into its place only: its gather goes out in its turn
+                    self._land(oldest)
+                else:
+                    self._finish_fetch(oldest)
             else:
                 raise StreamError(
                     f"all {sum(self._stage.classes.values())} host staging buffers are held by updates; "
@@ -479,9 +608,9 @@ class BlockStreamer:
         """The NVMe-homed flat's weights in a host buffer, for an update on the CPU (``read`` False: a buffer
         the caller will fill entirely, the drive not read); :meth:`put_home` sends them back."""
         self._wait_write(f)
-        f.host = self._acquire_stage(f.nbytes)
+        f.host = self._acquire_stage(f.home_nbytes)
         if not read:
-            return f.host.slot[: f.nbytes].view(f.dtype)[: f.numel]
+            return f.host.slot[: f.home_nbytes].view(f.dtype)[: f.home_numel]
         io = None
         try:
             io = self.store.read(f.extent, f.host.slot)
@@ -491,17 +620,19 @@ class BlockStreamer:
                 self._stage.release(f.host)
             f.host = None
             raise
-        return f.host.slot[: f.nbytes].view(f.dtype)[: f.numel]
+        return f.host.slot[: f.home_nbytes].view(f.dtype)[: f.home_numel]
 
     def put_home(self, f: Flat) -> None:
         """The host copy from :meth:`host_copy` was updated: write it home and into the window, if the
         window holds the flat (no second read of the drive)."""
         buf, f.host = f.host, None
         try:
-            if f.slot is not None:
+            if f.slot is not None and f.span is not None:  # every rank's shard changed: gathered anew
+                self._free[f.role].append(self._evict(f))
+            elif f.slot is not None:
                 self._finish_fetch(f)  # a fetch still in flight would land over the new weights
                 self._copy_in(f, buf.slot[: f.nbytes])
-            f.writing = self.store.write(f.extent, buf.slot[: f.nbytes])
+            f.writing = self.store.write(f.extent, buf.slot[: f.home_nbytes])
         except BaseException:
             self._retiring.append((f.copied if f.slot is not None else None, None, buf))
             raise
@@ -509,8 +640,11 @@ class BlockStreamer:
 
     def reload(self, f: Flat) -> None:
         """The flat's host or CXL home was updated in place: copy it into the window if the window holds
-        the flat (a prefetched copy stays useful), else nothing to do."""
-        if f.slot is not None:
+        the flat (a prefetched copy stays useful), else nothing to do. A shard's update changes every
+        rank's part of the flat: the window copy is dropped, and gathered anew when needed."""
+        if f.span is not None:
+            self.refresh(f)
+        elif f.slot is not None:
             self._finish_fetch(f)  # a fetch still in flight would land over the new weights
             self._copy_in(f, f.home_buffer)
             f.home_read = f.copied
@@ -521,6 +655,35 @@ class BlockStreamer:
             f.home_read.synchronize()
             f.home_read = None
         return f.home_buffer
+
+    def load_weights(self, f: Flat, values: torch.Tensor) -> None:
+        """Set the flat's weights to ``values`` (the whole flat, rounded to its dtype) where they live: this
+        rank's part of them, when sharded (a checkpoint being loaded)."""
+        if f.span is None:
+            self.resident(f).copy_(values)
+            self.writeback(f)
+            return
+        part = values[f.span.lo : f.span.hi]
+        home = self.host_copy(f, read=False) if f.home is Tier.NVME else self.writable_home(f)
+        home[: part.numel()].copy_(part)
+        home[part.numel() :].zero_()
+        if f.home is Tier.NVME:
+            self.put_home(f)
+        else:
+            self.refresh(f)
+
+    def home_values(self, f: Flat) -> torch.Tensor:
+        """A copy, in host memory, of the weights of the flat this rank homes (its shard, when sharded)."""
+        if f.span is None:
+            return self.resident(f).to("cpu", copy=True)
+        if f.home is not Tier.NVME:
+            return self.writable_home(f)[: f.span.numel].to("cpu", copy=True)
+        data = self.host_copy(f)
+        try:
+            return data[: f.span.numel].clone()
+        finally:
+            self._stage.release(f.host)
+            f.host = None
 
     def refresh(self, f: Flat) -> None:
         """The flat's home changed (a host-side update): drop the stale window copy."""
@@ -596,7 +759,15 @@ class BlockStreamer:
             self.drain()
         finally:
             if not gather:  # on the way out of an error: no buffer is left with a transfer into it
+                self._gathers.clear()  # never sent: no rank waits for them
                 for f in self.flats:
+                    if f.gathering is not None:
+                        with contextlib.suppress(Exception):
+                            f.gathering.wait()
+                        f.gathering = None
+                    if f.staged is None and f.pending is not None:
+                        settle(f.pending)
+                        f.pending = None
                     if f.staged is not None:
                         settle(f.pending)
                         self._stage.release(f.staged)

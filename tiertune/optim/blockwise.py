@@ -45,6 +45,11 @@ goes on. A chunk is never read while its own write is in flight.
 
 A parameter that got no gradient in a step is left alone, moments included, as torch does. Checkpoints
 hold ``optimizer.pt`` in ``torch.optim.AdamW``'s state_dict layout, written one block at a time.
+
+Across ranks (the streamer's :class:`ShardGroup`), each state covers this rank's shard of its flat only:
+gradients arrive reduce-scattered (:mod:`reduce`), the update runs on the shard in its home, the global
+norm is gathered from every rank's, and checkpoints gather each block's shards into the same files a
+single process writes (rank 0 writes them), so a run resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -71,11 +76,13 @@ from tiertune.memory.numa import ALIGN, align_up
 from tiertune.memory.pool import BufferPool, PoolBuffer, _register_pinned
 from tiertune.offload.flat import flat_buffer
 from tiertune.offload.planner import OPTIMIZER_CHUNK_BYTES, OPTIMIZER_SLOTS
+from tiertune.offload.shard import Span
 from tiertune.offload.store import Extent, NvmeStore, PendingIO, StoreError, settle
 from tiertune.offload.streaming import BlockStreamer, Flat
 from tiertune.offload.tensorfile import Deferred, write_torch
 from tiertune.optim.interleave import DEVICE_SLOTS, IN_BYTES_PER_PARAM, Interleaver, Side
 from tiertune.optim.kernels import AdamWKernel, TorchAdamW
+from tiertune.optim.reduce import GradReducer
 from tiertune.optim.updater import OPTIMIZER_FILE, StepReport, param_groups
 
 # Run the device side of interleaved updates on the CPU (scratch, copies and kernel as on an accelerator, done
@@ -97,10 +104,13 @@ class _Chunk:
 class _State:
     flat: Flat
     home: Tier
-    grad: torch.Tensor  # fp32, 1-D, in the gradient home
+    grad: torch.Tensor  # fp32, 1-D, in the gradient home: ``numel`` elements from ``lo``
     touched: list[bool]  # per parameter: a gradient arrived this step
     steps: list[int]  # per parameter: updates applied (torch keeps one step count per parameter)
     decay: list[bool]
+    numel: int  # elements of the flat this state covers: all, or this rank's shard
+    lo: int = 0  # the first of them; every buffer and chunk below counts from it
+    span: Span | None = None  # this rank's shard, when sharded across ranks
     chunks: list[_Chunk] = field(default_factory=list)
     # [exp_avg | exp_avg_sq], and for 16-bit weights their fp32 masters: [exp_avg | exp_avg_sq | master]
     # (each part the flat's size), when the home is memory; each NVMe chunk holds its range so.
@@ -144,9 +154,9 @@ def _parts(state: torch.Tensor, parts: int, k: int | None = None) -> list[torch.
 
 def _in_chunk(s: _State, c: _Chunk) -> Iterator[tuple[int, int, int]]:
     """(index, start, stop) of each of the flat's parameters that overlaps chunk ``c``: the overlap's
-    element range in the flat."""
+    element range in the state (counted from ``s.lo``, as the chunks and the state's buffers are)."""
     for i, (offset, p) in enumerate(zip(s.flat.flat.offsets, s.flat.params)):
-        lo, hi = max(offset, c.start), min(offset + p.numel(), c.stop)
+        lo, hi = max(offset - s.lo, c.start), min(offset - s.lo + p.numel(), c.stop)
         if lo < hi:
             yield i, lo, hi
 
@@ -204,8 +214,9 @@ class BlockAdamW:
             if not f.trainable:
                 continue
             home = homes[f.flat.block]
-            grad = flat_buffer(f.numel, torch.float32, _HOST)[0]
-            self.ledger.add(grads_tier, Kind.GRADS, align_up(f.numel * 4))
+            lo, numel = (0, f.numel) if f.span is None else (f.span.lo, f.span.numel)
+            grad = flat_buffer(numel, torch.float32, _HOST)[0] if numel else torch.zeros(0)
+            self.ledger.add(grads_tier, Kind.GRADS, align_up(numel * 4))
             s = _State(
                 f,
                 home,
@@ -213,6 +224,9 @@ class BlockAdamW:
                 [False] * len(f.params),
                 [0] * len(f.params),
                 [p.ndim >= 2 for p in f.params],
+                numel,
+                lo,
+                f.span,
                 parts=2 if f.dtype == torch.float32 else 3,  # 16-bit weights: an fp32 master too
             )
             s.fresh = s.parts == 3
@@ -220,21 +234,30 @@ class BlockAdamW:
                 if store is None:
                     raise ValueError("optimizer state on NVMe needs a store")
                 step = max(ALIGN // 4, (chunk_bytes // (4 * s.parts)) // (ALIGN // 4) * (ALIGN // 4))
-                for start in range(0, f.numel, step):
-                    stop = min(f.numel, start + step)
+                for start in range(0, numel, step):
+                    stop = min(numel, start + step)
                     size = 4 * s.parts * (stop - start)
                     ext = store.allocate(f"{f.flat.block}#{f.index}.adam[{start}]", size)
                     s.chunks.append(_Chunk(start, stop, ext))
-            else:
-                s.moments = flat_buffer(s.parts * f.numel, torch.float32, _HOST)[0]
+            elif numel:
+                s.moments = flat_buffer(s.parts * numel, torch.float32, _HOST)[0]
                 s.moments.zero_()
-                s.chunks.append(_Chunk(0, f.numel))
-                self.ledger.add(home, Kind.OPTIMIZER, align_up(4 * s.parts * f.numel))
+                s.chunks.append(_Chunk(0, numel))
+                self.ledger.add(home, Kind.OPTIMIZER, align_up(4 * s.parts * numel))
+            else:  # a flat too small to reach this rank: nothing of it is held here
+                s.moments = torch.zeros(0)
             self.states.append(s)
             for i, p in enumerate(f.params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(s, i)))
         if not self.states:
             raise ValueError("no trainable parameters: the tuning method left nothing to train")
+        # Sharded across ranks: gradients come reduce-scattered into each state's shard (see reduce.py).
+        self.group = streamer.group
+        self._reducer = (
+            GradReducer(self.group, self.states, self.device, ledger, on_reduced=self._reduced)
+            if self.group is not None
+            else None
+        )
         shapes = {n: shape for s in self.states for n, shape in zip(s.flat.flat.names, s.flat.shapes)}
         order = list(shapes) if order is None else order
         if sorted(order) != sorted(shapes):
@@ -272,7 +295,8 @@ class BlockAdamW:
         self._speculated: list[_State] = []
         self._rollback: torch.Tensor | None = None
         # Room to undo at least the smallest block, or no speculation at all (and read-ahead as for forward).
-        if overlap == "backward" and rollback_bytes >= 12 * min(s.flat.numel for s in self.states):
+        smallest = min((s.numel for s in self.states if s.numel), default=0)
+        if overlap == "backward" and rollback_bytes >= 12 * smallest:
             self._rollback = flat_buffer(rollback_bytes // 4, torch.float32, _HOST)[0]
             # Buffer space like the staging slots' (it holds copies in passing), counted as such.
             self.ledger.add(grads_tier, Kind.STAGING, align_up(rollback_bytes // 4 * 4))
@@ -288,7 +312,7 @@ class BlockAdamW:
         self._device_kernel = TorchAdamW()  # whatever runs on the CPU, the device runs torch's
         self._launched: deque[_OnDevice] = deque()
         self.device_updates = 0  # block updates planned for the device, over the run
-        fits = [s.flat.numel for s in self.states if s.moments is not None]
+        fits = [s.numel for s in self.states if s.moments is not None and s.numel]
         fits = [n for n in fits if DEVICE_SLOTS * IN_BYTES_PER_PARAM * n <= device_free_bytes]
         if interleave is not None and update_device is not None and fits:
             self._scratch = torch.empty(
@@ -324,6 +348,10 @@ class BlockAdamW:
                     f"{s.flat.flat.block}: a gradient arrived before the block's pending update ran; "
                     "a module used its weights without the streamer's forward pre-hook"
                 )
+            if self._reducer is not None:  # summed across ranks, into this rank's shard
+                self._reducer.add(s, i, p.grad)
+                p.grad = None
+                return
             s.grad[offset : offset + numel].add_(p.grad.reshape(-1).to(s.grad.device, torch.float32))
             s.touched[i] = True
             p.grad = None
@@ -338,13 +366,26 @@ class BlockAdamW:
 
         return hook
 
+    def _reduced(self, s: _State, complete: bool) -> None:
+        """A sharded state's gradient of this backward has landed: with every parameter's (``complete``)
+        in the step's last backward, its update may run now, as :meth:`_grad_hook` starts it unsharded."""
+        if complete and self._armed_lr is not None:
+            self._speculate(s)
+
+    def backward_done(self) -> None:
+        """A backward has ended (the engine calls this on every rank): sharded gradients not yet reduced
+        are reduced now, so every state holds its shard of the gradient summed over the ranks."""
+        if self._reducer is not None:
+            self._reducer.finish()
+
     @staticmethod
     def _grad_views(states: list[_State]) -> list[torch.Tensor]:
+        """The touched parameters' gradients (their parts in each state), as views."""
         views = []
         for s in states:
-            for i, (offset, p) in enumerate(zip(s.flat.flat.offsets, s.flat.params)):
+            for i, lo, hi in _in_chunk(s, _Chunk(0, s.numel)):
                 if s.touched[i]:
-                    views.append(s.grad[offset : offset + p.numel()])
+                    views.append(s.grad[lo:hi])
         return views
 
     def step(self, lr: float) -> StepReport:
@@ -361,9 +402,10 @@ class BlockAdamW:
                 norms.append(s.norms)  # its gradient has not changed since
             elif views := self._grad_views([s]):
                 norms.append(torch.stack(torch._foreach_norm(views, 2.0)))
-        if not norms:  # nothing got a gradient: nothing to update (as torch.optim does)
+        if not any(any(s.touched) for s in self.states):  # no gradient: nothing to update (as torch.optim)
             return StepReport(grad_norm=0.0, skipped=False)
-        total = torch.linalg.vector_norm(torch.cat(norms), 2.0)
+        local = torch.linalg.vector_norm(torch.cat(norms), 2.0) if norms else torch.zeros(())
+        total = local if self.group is None else self.group.norm(local)  # the same on every rank
         norm = float(total)
         finite = math.isfinite(norm)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
@@ -424,10 +466,11 @@ class BlockAdamW:
 
     def _speculate(self, s: _State) -> None:
         """Update ``s`` now, as if the step will neither clip nor skip, keeping what it overwrites."""
-        need = 3 * s.flat.numel
+        need = 3 * s.numel
         if s.pending or self._rollback_used + need > self._rollback.numel():
             return  # no room to undo it: the update waits for the step, as an ordinary one
-        norms = torch.stack(torch._foreach_norm(self._grad_views([s]), 2.0))
+        views = self._grad_views([s])  # none: this rank holds no part of the block's touched weights
+        norms = torch.stack(torch._foreach_norm(views, 2.0)) if views else torch.zeros(0)
         if not bool(torch.isfinite(norms).all()):
             self._armed_lr = None  # the step will be skipped: speculate no further
             return
@@ -531,6 +574,8 @@ class BlockAdamW:
         """Forget the pending and speculative updates (a checkpoint is about to replace the weights and
         the state)."""
         self._settle_device()
+        if self._reducer is not None:
+            self._reducer.discard()
         for s in self._pending:
             s.pending = False
         self._pending.clear()
@@ -559,7 +604,7 @@ class BlockAdamW:
         self._apply(s, self._lr)
         if self.interleave is not None:
             self.interleave.observe(
-                Side.CPU, s.flat.numel, time.perf_counter() - t0, contended=bool(self._launched)
+                Side.CPU, s.numel, time.perf_counter() - t0, contended=bool(self._launched)
             )
         if self._pending[-1] is s and self._units:  # the step's last block: read the next step's first chunks
             queued = set(self._ahead)
@@ -590,7 +635,7 @@ class BlockAdamW:
         if self.interleave is None or self._scratch is None:
             return
         eligible = [s for s in self._pending if s.moments is not None]
-        plan = self.interleave.plan([s.flat.numel for s in eligible], self._scratch.nbytes)
+        plan = self.interleave.plan([s.numel for s in eligible], self._scratch.nbytes)
         for s, side in zip(eligible, plan.sides):
             s.on_device = side is Side.GPU
         self.device_updates += sum(side is Side.GPU for side in plan.sides)
@@ -629,7 +674,7 @@ class BlockAdamW:
         out), so consecutive blocks overlap as a pipeline; nothing is waited for here."""
         busy = {job.slot for job in self._launched}
         slot = next(i for i in range(DEVICE_SLOTS) if i not in busy)  # its last user has been finished
-        n = s.flat.numel
+        n = s.numel
         room = self._scratch[slot, : 4 * n]
         p, g, m, v = room[:n], room[n : 2 * n], room[2 * n : 3 * n], room[3 * n :]
         params = self._params(s)
@@ -679,7 +724,7 @@ class BlockAdamW:
             job.events[5].synchronize()
             # What the block adds to a full pipeline: its slowest stage.
             job.seconds = max(job.events[i].elapsed_time(job.events[i + 1]) for i in (0, 2, 4)) / 1e3
-        self.interleave.observe(Side.GPU, s.flat.numel, job.seconds)
+        self.interleave.observe(Side.GPU, s.numel, job.seconds)
         self._finish_params(s, job.params)
         self._done(s)
 
@@ -806,20 +851,23 @@ class BlockAdamW:
         """The flat's weights where the update runs: the CPU (the device itself, without an accelerator).
         16-bit weights are not read: the update writes every one of them from its master."""
         f, read = s.flat, s.parts == 2 or s.fresh
-        if not self.streamer.staged:  # the window is host memory: update it in place
+        if not self.streamer.staged and f.span is None:  # the window is host memory: update it in place
             return self.streamer.resident(f) if read else self.streamer.blank(f)
-        if f.home is Tier.DEVICE:  # a host copy of the device's weights, copied back after the update
-            return f.home_buffer.to("cpu") if read else torch.empty(f.numel, dtype=f.dtype)
+        if f.home is Tier.DEVICE and self.streamer.staged:  # a host copy of the device's weights
+            return f.home_buffer[: s.numel].to("cpu") if read else torch.empty(s.numel, dtype=f.dtype)
         if f.home is Tier.NVME:  # read from the drive into a host buffer
-            return self.streamer.host_copy(f, read)
-        return self.streamer.writable_home(f)  # host or CXL home: updated in place
+            return self.streamer.host_copy(f, read)[: s.numel]
+        # host or CXL home (a shard's, without an accelerator, is the device tier's): updated in place
+        return self.streamer.writable_home(f)[: s.numel]
 
     def _finish_params(self, s: _State, params: torch.Tensor) -> None:
         f = s.flat
-        if not self.streamer.staged:
+        if not self.streamer.staged and f.span is None:
             self.streamer.writeback(f)
-        elif f.home is Tier.DEVICE:
-            f.home_buffer.copy_(params)
+        elif f.home is Tier.DEVICE and self.streamer.staged:
+            f.home_buffer[: s.numel].copy_(params)
+            if f.span is not None:  # every rank's shard changed: the window copy is gathered anew
+                self.streamer.refresh(f)
         elif f.home is Tier.NVME:
             self.streamer.put_home(f)  # to the drive, and into the window if it holds the flat
         else:
@@ -898,8 +946,8 @@ class BlockAdamW:
         moments), read from the drive into a new tensor when they live there."""
         wanted = range(s.parts)[which]
         if s.moments is not None:  # the parts are consecutive: a view
-            return s.moments[wanted.start * s.flat.numel : wanted.stop * s.flat.numel]
-        out = torch.empty(len(wanted) * s.flat.numel, dtype=torch.float32)
+            return s.moments[wanted.start * s.numel : wanted.stop * s.numel]
+        out = torch.empty(len(wanted) * s.numel, dtype=torch.float32)
         into = _parts(out, len(wanted))
         for c in s.chunks:
             k = c.stop - c.start
@@ -919,22 +967,27 @@ class BlockAdamW:
 
     def master(self, f: Flat) -> torch.Tensor | None:
         """The fp32 masters of a trainable flat of 16-bit weights (a tensor of its own, or a view of the
-        state in memory), or None for fp32 weights (they are their own masters)."""
+        state in memory), or None for fp32 weights (they are their own masters). Sharded, the whole flat's,
+        gathered from every rank (which calls this for the same flats in the same order)."""
         s = next(s for s in self.states if s.flat is f)
         if s.parts == 2:
             return None
-        if s.fresh:  # never set: the weights themselves
-            return self._weights_of(s)
-        return self._state_of(s, slice(2, 3))
+        local = self._weights_of(s) if s.fresh else self._state_of(s, slice(2, 3))  # fresh: the weights
+        return local if s.span is None else self.group.gather_shards(local, s.span)
 
     def _weights_of(self, s: _State) -> torch.Tensor:
-        """The flat's weights, as fp32, read from wherever they live (the masters' first values)."""
+        """The state's weights (its flat's, or this rank's shard of them), as fp32, read from wherever they
+        live (the masters' first values)."""
+        if s.span is not None:
+            return self.streamer.home_values(s.flat).float()
         self.streamer.drain()
         return self.streamer.resident(s.flat).to("cpu", torch.float32)
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path | None) -> None:
         """``optimizer.pt`` in ``torch.optim.AdamW``'s state_dict layout (the resident updater writes the
-        same, and a plain AdamW over the model's trainable parameters loads it), streamed block by block."""
+        same, and a plain AdamW over the model's trainable parameters loads it), streamed block by block.
+        Sharded, every rank takes part (its shards are gathered) and rank 0 writes: ``directory`` None on
+        the others."""
         self.flush()
         state: dict[int, dict[str, Deferred]] = {}
         key = 0
@@ -950,11 +1003,15 @@ class BlockAdamW:
         groups = copy.deepcopy(self._groups)
         for g in groups:
             g["lr"] = self._lr
-        write_torch(
-            directory / OPTIMIZER_FILE,
-            {"state": dict(sorted(state.items())), "param_groups": groups},
-            self._tensors(),
-        )
+        tensors = self._tensors()
+        try:
+            if directory is not None:
+                obj = {"state": dict(sorted(state.items())), "param_groups": groups}
+                write_torch(directory / OPTIMIZER_FILE, obj, tensors)
+        finally:
+            if self.group is not None:  # the other ranks' gathers go on to the end, even after an error
+                for _ in tensors:
+                    pass
 
     def _tensors(self) -> Iterator[torch.Tensor]:
         """The state's tensors in the order :meth:`save` numbered them: one block's moments at a time."""
@@ -962,6 +1019,13 @@ class BlockAdamW:
             if not any(s.steps):
                 continue
             moments, n = self._state_of(s), s.flat.numel
+            if s.span is not None:  # the whole flat's, from every rank's shard
+                moments = torch.cat(
+                    [
+                        self.group.gather_shards(part, s.span)
+                        for part in (moments[: s.numel], moments[s.numel :])
+                    ]
+                )
             for i, (offset, shape) in enumerate(zip(s.flat.flat.offsets, s.flat.shapes)):
                 if s.steps[i]:
                     k = shape.numel()
@@ -985,8 +1049,10 @@ class BlockAdamW:
             n = s.flat.numel
             moments = torch.zeros(2 * n, dtype=torch.float32)
             master = None
-            if s.parts == 3:
+            if s.parts == 3:  # of the whole flat (from the checkpoint's weights), or of this state's part
                 master = masters(s.flat) if masters is not None else self._weights_of(s)
+                if masters is not None and s.span is not None:
+                    master = master[s.lo : s.lo + s.numel]
             for i, (name, offset, shape) in enumerate(
                 zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.shapes)
             ):
@@ -1003,6 +1069,9 @@ class BlockAdamW:
                 moments[offset : offset + shape.numel()] = m.reshape(-1)
                 moments[n + offset : n + offset + shape.numel()] = v.reshape(-1)
                 s.steps[i] = step
+            if s.span is not None:  # this rank's part of both moments
+                lo, hi = s.lo, s.lo + s.numel
+                moments = torch.cat([moments[lo:hi], moments[n + lo : n + hi]])
             self._put_state(s, moments, master)
 
     def _torch_state(
@@ -1058,8 +1127,8 @@ class BlockAdamW:
 
     def _put_state(self, s: _State, moments: torch.Tensor, master: torch.Tensor | None) -> None:
         """Set the block's moments (``[exp_avg | exp_avg_sq]``) and, for 16-bit weights, its fp32 masters,
-        in the state's home."""
-        n = s.flat.numel
+        in the state's home (the state's part of each: ``s.numel`` elements)."""
+        n = s.numel
         s.fresh = False
         parts = [moments[:n], moments[n:], master][: s.parts]
         if s.moments is not None:

@@ -185,6 +185,13 @@ class DepthController:
             acc[2] += float(mask.sum())
         self._exit_logits = []
 
+    def merge_scores(self, total: Callable[[list[float]], list[float]]) -> None:
+        """Sum the scores kept since :meth:`metrics` over the ranks (each scored its own rows): ``total``
+        sums a list of numbers over them, element by element."""
+        names = [f"exit@{e}" for e in self.exits] + ["vote"]
+        summed = total([x for n in names for x in self._scores.get(n, [0.0, 0.0, 0.0])])
+        self._scores = {n: summed[3 * i : 3 * i + 3] for i, n in enumerate(names)}
+
     def metrics(self) -> dict[str, dict[str, float]]:
         """Per exit and for the vote: mean token loss and accuracy since the last call (and each exit's
         weight in a fitted vote)."""
