@@ -394,6 +394,8 @@ def build_engine(
     ledger: Ledger | None = None,
     store_dir: Path | None = None,
     group: ShardGroup | None = None,
+    always_stream: bool = False,
+    decayed: Callable[[str], bool] | None = None,
 ) -> TrainEngine:
     """Plan the job and build the engine that follows the plan.
 
@@ -402,7 +404,9 @@ def build_engine(
     on the device, and :class:`BlockAdamW` updates each block where its state lives. NVMe homes go into a
     store in ``offload.nvme_dir``, else in ``store_dir`` (made for the run and deleted after it). With
     ``group`` (several ranks) every block's state is sharded over the ranks, always in the block engine;
-    each rank's store is a ``rank-N`` directory of its own.
+    each rank's store is a ``rank-N`` directory of its own. ``always_stream``: the block engine even when
+    everything fits (the Trainer plugin: the gradients must leave the parameters). ``decayed``: which
+    parameters (by name) weight decay applies to, when not the matrices.
     """
     ledger = ledger or Ledger()
     share = group.local_world if group is not None else 1
@@ -413,13 +417,13 @@ def build_engine(
     room = _store_room(cfg, store_dir) // share  # the ranks of a machine share its drives
     plan = plan_model(cfg, model, budgets, room, shards=group.world if group is not None else 1)
     everything_home = all(b.home[k] is Tier.DEVICE for b in plan.blocks for k in b.home)
-    if everything_home and not forced and group is None:
+    if everything_home and not forced and group is None and not always_stream:
         if any(p.is_meta for p in model.parameters()):
             materialize(model, weight_source(cfg.model, cfg.train.seed, model), device)
         model.to(device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         return TrainEngine(model, TorchAdamWUpdater(named, cfg.optim), device, cfg.train.dtype, ledger)
-    return _streaming_engine(cfg, model, device, budgets, ledger, plan, store_dir, group)
+    return _streaming_engine(cfg, model, device, budgets, ledger, plan, store_dir, group, decayed)
 
 
 def _remove_store(store_dir: Path, shared: bool) -> None:
@@ -446,6 +450,7 @@ def _streaming_engine(
     plan: Plan,
     store_dir: Path | None,
     group: ShardGroup | None,
+    decayed: Callable[[str], bool] | None = None,
 ) -> StreamingEngine:
     params = {b.name: b.home[Kind.PARAMS] for b in plan.blocks}
     optim = {b.name: b.home[Kind.OPTIMIZER] for b in plan.blocks if b.trainable}
@@ -511,6 +516,7 @@ def _streaming_engine(
             overlap=cfg.optim.overlap,
             rollback_bytes=_rollback_room(cfg, plan, device, group.world if group is not None else 1),
             kernel=_kernel(cfg),
+            decayed=decayed,
             **_interleaving(cfg, device, plan),
         )
     except BaseException:

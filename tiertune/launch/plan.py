@@ -77,7 +77,7 @@ def plan_model(cfg: JobConfig, model: nn.Module, budgets: Budgets, nvme_bytes: i
         )
         for b in find_blocks(model)
     ]
-    hf = hf_config(cfg.model)
+    hf = getattr(model, "config", None) or hf_config(cfg.model)  # the model's own (the Trainer plugin's)
     hidden = getattr(hf, "hidden_size", None) or hf.n_embd
     layers = getattr(hf, "num_hidden_layers", None) or hf.n_layer
     ffn = getattr(hf, "intermediate_size", None) or 4 * hidden

@@ -188,6 +188,7 @@ class BlockAdamW:
         interleave: Interleaver | None = None,
         update_device: torch.device | None = None,
         device_free_bytes: int = 0,
+        decayed: Callable[[str], bool] | None = None,
     ) -> None:
         """``homes`` maps a block name to the home tier of its optimizer state; gradients live on
         ``grads_tier`` (host memory, or the device itself on a machine without an accelerator). NVMe state
@@ -202,13 +203,16 @@ class BlockAdamW:
         :meth:`step`). ``kernel`` runs the arithmetic (default: torch's fused AdamW). With ``interleave``,
         each step some pending blocks whose state is in memory are updated on ``update_device`` (their
         weights, gradient and moments copied there and back, two blocks in flight in at most
-        ``device_free_bytes`` of scratch) while the CPU updates the others, as the interleaver plans."""
+        ``device_free_bytes`` of scratch) while the CPU updates the others, as the interleaver plans.
+        ``decayed`` says by name which parameters weight decay applies to (default: the matrices)."""
         if overlap not in ("backward", "forward", "none"):
             raise ValueError(f"overlap must be backward, forward or none, not {overlap!r}")
         self.streamer, self.cfg, self.store, self.ledger = streamer, cfg, store, ledger
         self.grads_tier = grads_tier
         self.device = streamer.device
         self.states: list[_State] = []
+        shape_of = {n: p.shape for f in streamer.flats for n, p in zip(f.flat.names, f.params)}
+        decayed = decayed or (lambda name: len(shape_of[name]) >= 2)
         self._hooks = []
         for f in streamer.flats:
             if not f.trainable:
@@ -223,7 +227,7 @@ class BlockAdamW:
                 grad,
                 [False] * len(f.params),
                 [0] * len(f.params),
-                [p.ndim >= 2 for p in f.params],
+                [decayed(name) for name in f.flat.names],
                 numel,
                 lo,
                 f.span,
@@ -262,8 +266,9 @@ class BlockAdamW:
         order = list(shapes) if order is None else order
         if sorted(order) != sorted(shapes):
             raise ValueError("order must name each trainable parameter once")
-        # torch.optim numbers parameters across its groups in order: the decayed ones, then the rest.
-        stand_ins = [(n, torch.nn.Parameter(torch.empty((0,) * len(shapes[n])))) for n in order]
+        # torch.optim numbers parameters across its groups in order: the decayed ones, then the rest (the
+        # stand-ins are matrices where decayed, as param_groups sorts them).
+        stand_ins = [(n, torch.nn.Parameter(torch.empty((0,) * (2 if decayed(n) else 1)))) for n in order]
         groups = param_groups(stand_ins, cfg.weight_decay)
         name_of = {id(p): n for n, p in stand_ins}
         self._index = {name_of[id(p)]: k for k, p in enumerate(p for g in groups for p in g["params"])}
@@ -1045,6 +1050,73 @@ class BlockAdamW:
             saved = self._legacy_state(directory / LEGACY_STATE_FILE)
         else:
             raise CheckpointError(f"{directory} holds no {OPTIMIZER_FILE}: the checkpoint is incomplete")
+        self._restore(saved, masters, str(directory))
+
+    def state_dict(self) -> dict:
+        """The state as ``torch.optim.AdamW``'s state_dict, in memory (what :meth:`save` writes, for callers
+        that want the object: HF's Trainer), each 16-bit parameter's fp32 master beside its moments
+        (``master``). One process only: sharded state is saved with :meth:`save`."""
+        if self.group is not None:
+            raise RuntimeError("state_dict() of sharded state: use save(), which gathers it block by block")
+        self.flush()
+        tensors = self._tensors()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for s in self.states:
+            master = self.master(s.flat) if s.parts == 3 and any(s.steps) else None
+            for i, (name, offset, shape) in enumerate(
+                zip(s.flat.flat.names, s.flat.flat.offsets, s.flat.shapes)
+            ):
+                if not s.steps[i]:
+                    continue
+                entry = {
+                    "exp_avg": next(tensors).clone(),
+                    "exp_avg_sq": next(tensors).clone(),
+                    "step": next(tensors),
+                }
+                if master is not None:
+                    entry["master"] = master[offset : offset + shape.numel()].view(shape).clone()
+                state[self._index[name]] = entry
+        groups = copy.deepcopy(self._groups)
+        for g in groups:
+            g["lr"] = self._lr
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    def weights_set(self, f: Flat) -> None:
+        """The flat's weights were set from outside (a model's state_dict loaded into them): a 16-bit
+        flat's masters are taken from them again at its next update."""
+        for s in self.states:
+            if s.flat is f and s.parts == 3:
+                s.fresh = True
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Set the state from what :meth:`state_dict` returned (or a ``torch.optim.AdamW`` over the same
+        parameters). A state with nothing in it over a state that never stepped changes nothing (no
+        write of zeros to every home)."""
+        if self.group is not None:
+            raise RuntimeError("load_state_dict() of sharded state: use load()")
+        if not saved.get("state") and not any(any(s.steps) for s in self.states):
+            return
+        self.flush()
+        entries = self._entries(saved, "the optimizer state_dict")
+        state = saved["state"]
+
+        def masters(f: Flat) -> torch.Tensor:  # the saved masters where there are, else the weights
+            out = self._weights_of(next(s for s in self.states if s.flat is f))
+            for name, offset, shape in zip(f.flat.names, f.flat.offsets, f.shapes):
+                held = state.get(self._index[name], {}).get("master")
+                if held is not None:
+                    out[offset : offset + shape.numel()] = held.reshape(-1).float()
+            return out
+
+        self._restore(entries, masters, "the optimizer state_dict")
+
+    def _restore(
+        self,
+        saved: Callable[[str], tuple[torch.Tensor, torch.Tensor, int] | None],
+        masters: Callable[[Flat], torch.Tensor] | None,
+        where: str,
+    ) -> None:
+        """Put each parameter's saved moments and step count (``saved``: by name) into the homes."""
         for s in self.states:
             n = s.flat.numel
             moments = torch.zeros(2 * n, dtype=torch.float32)
@@ -1063,7 +1135,7 @@ class BlockAdamW:
                 m, v, step = entry
                 if m.numel() != shape.numel() or v.numel() != shape.numel():
                     raise CheckpointError(
-                        f"{directory}: optimizer state of {name} has {m.numel()} elements, the "
+                        f"{where}: optimizer state of {name} has {m.numel()} elements, the "
                         f"parameter {shape.numel()}; was it written by a different job?"
                     )
                 moments[offset : offset + shape.numel()] = m.reshape(-1)
@@ -1080,15 +1152,26 @@ class BlockAdamW:
         """A state_dict's entries by parameter name, read lazily from the mapped file."""
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, pickle.UnpicklingError) as e:
+            raise CheckpointError(
+                f"{path} is not an optimizer state_dict ({e}); the checkpoint is damaged"
+            ) from None
+        return self._entries(saved, str(path), f"the optimizer state in {directory}")
+
+    def _entries(
+        self, saved: dict, path: str, what: str | None = None
+    ) -> Callable[[str], tuple[torch.Tensor, torch.Tensor, int] | None]:
+        """A state_dict's entries by parameter name (``path`` names it in errors)."""
+        try:
             sizes = [len(g["params"]) for g in saved["param_groups"]]
             state = saved["state"]
-        except (RuntimeError, pickle.UnpicklingError, KeyError, TypeError) as e:
+        except (KeyError, TypeError) as e:
             raise CheckpointError(
                 f"{path} is not an optimizer state_dict ({e}); the checkpoint is damaged"
             ) from None
         if sizes != [len(g["params"]) for g in self._groups] or not set(state) <= set(range(sum(sizes))):
             raise CheckpointError(
-                f"the optimizer state in {directory} has parameter groups of {sizes} parameters, this job "
+                f"{what or path} has parameter groups of {sizes} parameters, this job "
                 f"{[len(g['params']) for g in self._groups]}; was it written by a different job?"
             )
 
