@@ -245,6 +245,18 @@ def test_a_bad_launch_option_is_refused_before_anything_starts():
     assert done.returncode == 2 and "--nprocs is not an option of torchrun" in done.stderr
 
 
+@pytest.mark.slow
+def test_a_rank_that_refuses_its_job_stops_the_launch_with_its_message_and_status_2(tmp_path):
+    done = run_cli(
+        "launch", "--nproc-per-node", "2", *FAST, "train.max_steps=3", "optim.warmup_steps=9",
+        f"output_dir={tmp_path}",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "optim.warmup_steps: 9 is more than train.max_steps (3)" in done.stderr
+    assert "failed with exit status 2; every rank was stopped" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_rank_is_read_from_torchruns_environment():
     assert ranks_from_env({}) is None and ranks_from_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
     r = ranks_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})

@@ -129,9 +129,9 @@ def launch(args: Sequence[str]) -> int:
     try:
         run.main(argv)
     except ChildFailedError as e:
-        first = min(e.failures.values(), key=lambda f: f.timestamp)
+        rank, first = e.get_first_failure()
         print(
-            f"tiertune: rank {first.global_rank} failed with exit status {first.exitcode}; every rank "
+            f"tiertune: rank {rank} failed with exit status {first.exitcode}; every rank "
             "was stopped (its message is above)",
             file=sys.stderr,
         )
