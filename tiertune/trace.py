@@ -4,7 +4,9 @@ Spans go on tracks: ``compute`` (forward, backward and the optimizer step of the
 waits for blocks still in flight), ``nvme read`` and ``nvme write`` (each transfer from submission to its
 last piece), ``copies`` (host-to-device copies into the window, timed by CUDA events on the device). Transfers that overlap each other get lanes of their own
 track, so overlap with compute is visible at a glance in Perfetto (ui.perfetto.dev) or chrome://tracing.
-The ledger's bytes per tier are recorded as counters, and drawn as ``memory.png``.
+The ledger's bytes per tier are recorded as counters, and drawn as ``memory.png`` with the process's
+resident set (sampled by a thread every ``rss_interval_s``): the gap between the two is what the ledger
+does not hold (the interpreter and libraries, activations, allocator slack, temporaries).
 
 Tracing is off unless a :class:`Tracer` is installed (:func:`install`); the hooks then cost a function
 call that does nothing.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -24,11 +27,19 @@ TRACKS = ("compute", "copies", "nvme read", "nvme write")
 
 
 class Tracer:
-    def __init__(self) -> None:
+    def __init__(self, rss_interval_s: float | None = 0.05) -> None:
         self._t0 = time.perf_counter_ns()
         self._lock = threading.Lock()
         self._spans: list[tuple[str, str, int, int, dict[str, Any]]] = []  # track, name, start, end (ns)
         self._counters: list[tuple[int, dict[str, int]]] = []
+        self._rss: list[tuple[int, int]] = []  # (ns, bytes)
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+        if rss_interval_s is not None:
+            self._sampler = threading.Thread(
+                target=self._sample_rss, args=(rss_interval_s,), name="tiertune-rss", daemon=True
+            )
+            self._sampler.start()
         # Device work timed by CUDA events (``enable_timing=True``), placed on the host's time line through
         # one reference event whose host time is known; resolved when the trace is written.
         self._device: list[tuple[str, str, Any, Any, dict[str, Any]]] = []
@@ -36,6 +47,35 @@ class Tracer:
 
     def now(self) -> int:
         return time.perf_counter_ns() - self._t0
+
+    def _sample_rss(self, interval_s: float) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        try:
+            statm = open("/proc/self/statm", "rb")  # noqa: SIM115 (read again every sample)
+        except OSError:  # not Linux: no samples
+            return
+        with statm:
+            while not self._stop.is_set():
+                statm.seek(0)
+                resident = int(statm.read().split()[1]) * page
+                with self._lock:
+                    self._rss.append((self.now(), resident))
+                self._stop.wait(interval_s)
+
+    def close(self) -> None:
+        """Stop sampling the resident set (the trace keeps what was sampled)."""
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join()
+            self._sampler = None
+
+    def peak_rss(self) -> tuple[float, int] | None:
+        """The highest resident set sampled, and when (seconds since the tracer started)."""
+        with self._lock:
+            if not self._rss:
+                return None
+            ts, peak = max(self._rss, key=lambda s: s[1])
+        return ts / 1e9, peak
 
     @contextlib.contextmanager
     def span(self, track: str, name: str, **args: Any) -> Iterator[None]:
@@ -123,24 +163,33 @@ class Tracer:
             )
         for ts, values in counters:
             out.append({"ph": "C", "name": "bytes per tier", "pid": 1, "ts": ts / 1e3, "args": values})
+        with self._lock:
+            rss = list(self._rss)
+        for ts, resident in rss:
+            out.append(
+                {"ph": "C", "name": "process RSS", "pid": 1, "ts": ts / 1e3, "args": {"rss": resident}}
+            )
         out.append({"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "tiertune"}})
         return out
 
     def save(self, directory: Path, suffix: str = "") -> list[Path]:
-        """Write ``trace{suffix}.json`` and, when there are counters, ``memory{suffix}.png``; return what was
-        written."""
+        """Stop sampling, write ``trace{suffix}.json`` and, when there are counters, ``memory{suffix}.png``;
+        return what was written."""
+        self.close()
         path = directory / f"trace{suffix}.json"
         path.write_text(json.dumps({"traceEvents": self.events(), "displayTimeUnit": "ms"}))
         written = [path]
         with self._lock:
-            counters = list(self._counters)
+            counters, rss = list(self._counters), list(self._rss)
         if counters:
-            written.append(plot_tiers(counters, directory / f"memory{suffix}.png"))
+            written.append(plot_tiers(counters, directory / f"memory{suffix}.png", rss))
         return written
 
 
-def plot_tiers(counters: list[tuple[int, dict[str, int]]], path: Path) -> Path:
-    """Bytes per tier over time, one line per tier, as a PNG."""
+def plot_tiers(
+    counters: list[tuple[int, dict[str, int]]], path: Path, rss: list[tuple[int, int]] | None = None
+) -> Path:
+    """Bytes per tier over time, one line per tier, and the process's resident set, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,9 +200,11 @@ def plot_tiers(counters: list[tuple[int, dict[str, int]]], path: Path) -> Path:
     times = [ts / 1e9 for ts, _ in counters]
     for tier in tiers:
         ax.step(times, [v.get(tier, 0) / 2**20 for _, v in counters], where="post", label=tier)
+    if rss:
+        ax.plot([ts / 1e9 for ts, _ in rss], [n / 2**20 for _, n in rss], "k--", lw=1, label="process RSS")
     ax.set_xlabel("seconds since the engine started")
     ax.set_ylabel("MiB held")
-    ax.set_title("bytes per memory tier")
+    ax.set_title("bytes per memory tier" + (", and the process's resident set" if rss else ""))
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
