@@ -221,3 +221,19 @@ def test_a_plan_either_fits_every_budget_or_says_what_is_short(device, host, cxl
         return
     assert all(p.peak_bytes[t] <= p.budgets[t] for t in p.peak_bytes)
     assert all(len(b.home) == 3 for b in p.blocks)
+
+
+def test_a_trained_tied_weight_reserves_the_gradients_backward_holds_for_it():
+    """The tied embedding and LM head of llama-1b: backward holds the head's gradient until the embedding's
+    arrives, then adds them: two weight-sized tensors beyond the homes, reserved with the activations."""
+    from tiertune.config import ModelConfig
+    from tiertune.launch.models import skeleton
+    from tiertune.launch.plan import tied_gradient_bytes
+    from tiertune.offload import find_blocks
+
+    tied = skeleton(ModelConfig(preset="llama-1b"))  # on the meta device: no memory
+    assert tied_gradient_bytes(tied, find_blocks(tied)) == 2 * 128256 * 2048 * 4
+    tied.get_parameter("lm_head.weight").requires_grad_(False)  # frozen (LoRA): no gradient to hold
+    assert tied_gradient_bytes(tied, find_blocks(tied)) == 0
+    untied = skeleton(ModelConfig(preset="llama-1.1b"))
+    assert tied_gradient_bytes(untied, find_blocks(untied)) == 0
