@@ -75,9 +75,13 @@ def _derive_labels(cfg: JobConfig) -> list[str]:
     from tiertune.launch.data import dataset_labels, load_examples
 
     try:
-        cfg.model.labels = dataset_labels(load_examples(cfg.data))
-    except DataError as e:
+        examples = load_examples(cfg.data)
+    except DataError as e:  # its message names the file
         return [f"data.path: {e}"]
+    try:
+        cfg.model.labels = dataset_labels(examples)
+    except DataError as e:
+        return [f"data.path: {cfg.data.path!r}: {e}"]
     return []
 
 
@@ -357,6 +361,8 @@ def _environment_problems(cfg: JobConfig) -> list[str]:
                 f"data.path: {cfg.data.path!r} is not a built-in dataset; choose one of: "
                 + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_DATASETS)
             )
+    elif cfg.data.path and Path(cfg.data.path).is_dir():
+        problems.append(f"data.path: {cfg.data.path!r} is a directory; point it at a .jsonl or .txt file")
     elif not Path(cfg.data.path).is_file():
         problems.append(
             f"data.path: {cfg.data.path!r} does not exist (relative paths are taken from "

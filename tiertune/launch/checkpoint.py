@@ -25,6 +25,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _TMP_PREFIX = ".tmp-"
+FULL_BYTES = 2**20  # free space under which a device whose write just failed is taken to be full
 
 
 @dataclass(frozen=True)
@@ -90,17 +91,22 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], kee
         os.rename(tmp, final)
         _fsync_path(root)
     except Exception as e:  # torch and safetensors report a full disk as their own errors
+        # Measured before the partial save is removed: a device left with (almost) nothing free is full,
+        # whatever the writer made of its ENOSPC (torch: "unexpected pos ...").
+        full = root.exists() and shutil.disk_usage(root).free < FULL_BYTES
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(run_dir)
         kept = f"; the last complete checkpoint ({previous[-1].path}) is intact" if previous else ""
         free = shutil.disk_usage(root).free if root.exists() else 0
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             reason = "no space left on the device"
+        elif full:
+            reason = f"no space left on the device; the writer said {type(e).__name__}: {e}"
         else:
             reason = f"{type(e).__name__}: {e}"
         raise CheckpointError(
-            f"cannot write checkpoint step {step} under {root} ({reason}; {free / 2**20:.0f} MiB free there): "
-            f"free space or lower train.keep_checkpoints{kept}"
+            f"cannot write checkpoint step {step} under {root} ({reason}; {free / 2**20:.0f} MiB free there "
+            f"once the partial save is removed): free space or lower train.keep_checkpoints{kept}"
         ) from None
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)

@@ -52,6 +52,7 @@ def _parse_jsonl(text: str, path: Path) -> list[Example]:
             problems.append(f"line {lineno}: not valid JSON ({e.msg})")
             continue
         example, problem = _row_to_example(row)
+        problem = problem or _lone_surrogate(example)
         if problem:
             problems.append(f"line {lineno}: {problem}")
         else:
@@ -79,10 +80,31 @@ def _row_to_example(row: object) -> tuple[Example | None, str | None]:
         return Example(prompt=prompt, completion=completion), None
     label = row.get("label")
     if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
-        return None, f"'label' must be a string or an integer, got {json.dumps(label)}"
+        return None, f"'label' must be a string or an integer, got {_shown(label)}"
     if isinstance(row.get("text"), str) and row["text"]:
         return Example(completion=row["text"], label=None if label is None else str(label)), None
+    if "text" in row:
+        return None, f"'text' must be a non-empty string, got {_shown(row['text'])}"
     return None, f"no 'text' or 'prompt'/'completion' (keys: {', '.join(map(str, row)) or 'none'})"
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _lone_surrogate(example: Example) -> str | None:
+    """JSON can escape half of a UTF-16 surrogate pair alone ("\\ud800"): no character, and no tokenizer
+    takes it."""
+    for value in (example.prompt, example.completion, example.label):
+        try:
+            (value or "").encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (
+                f"{value[e.start]!r} (character {e.start} of a string) is half of a UTF-16 surrogate pair, "
+                "not a character; write the whole pair, or the character itself"
+            )
+    return None
 
 
 def _parse_text(text: str) -> list[Example]:

@@ -153,8 +153,6 @@ def _run(
             f"{group.world} ranks ({group.local_world} on this machine), every block's state sharded over them"
         )
     resume_from = _main(group, lambda: resume.find_resume_point(cfg, out, group.world if group else 1))
-    if run_dir is not None:
-        run_dir.write_config(cfg)
 
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -193,6 +191,7 @@ def _run(
             return _train(
                 cfg,
                 out,
+                run_dir,
                 engine,
                 model,
                 tokenizer,
@@ -220,6 +219,7 @@ def _run(
 def _train(
     cfg: JobConfig,
     out: Path,
+    run_dir: RunDir | None,
     engine: TrainEngine,
     model: torch.nn.Module,
     tokenizer: Any,
@@ -251,6 +251,8 @@ def _train(
     if resume_from is not None:
         state = resume.restore(resume_from, engine, fingerprints)
         say(f"resumed from {resume_from.path} (step {state.step})")
+    if run_dir is not None:  # only now: a resume refused above leaves the run's files as they were
+        run_dir.write_config(cfg)
     resumed_step = state.step
     # Every rank draws the same rows, a micro-batch for all the ranks at a time, and trains on its slice.
     ranks = group.world if group is not None else 1

@@ -333,10 +333,17 @@ def _shortfalls(
     for kind, nbytes in need.items():
         if forced[kind] is not None:
             tier = forced[kind]
+            # The NVMe tier has no budget key: its size is the free space where the store goes.
+            grow = (
+                "free space in offload.nvme_dir (the output directory when it is unset), add directories "
+                "on other drives to it"
+                if tier is Tier.NVME
+                else "raise its budget"
+            )
             problems.append(
                 f"offload.{kind.value}={tier.value}: {format_bytes(nbytes)} of {kind.value} do not fit "
                 f"in the {tier.value} tier ({format_bytes(max(left[tier], 0))} left of "
-                f"{format_bytes(capacity[tier])}); raise its budget or choose another tier"
+                f"{format_bytes(capacity[tier])}); {grow}, or choose another tier"
             )
         else:
             tiers = ", ".join(f"{t.value} {format_bytes(capacity[t])}" for t in TIER_ORDER if capacity[t] > 0)

@@ -296,17 +296,21 @@ class NvmeStore:
         if extent.checksums is None:
             raise ValueError(f"{extent.name} was never written: nothing to read")
         self._check_buffer(extent, buffer)
-        futures = [self.io.read(p, buffer) for p in self._pieces(extent)]
+        pieces = self._pieces(extent)
+        futures = [self.io.read(p, buffer) for p in pieces]
         _trace(futures, "nvme read", extent)
         self._count("read", extent)
 
         def verify(crcs: list[int]) -> None:
             bad = [i for i, (got, want) in enumerate(zip(crcs, extent.checksums)) if got != want]
             if bad:
+                first = pieces[bad[0]]
                 raise StoreCorruption(
-                    f"{extent.name}: {len(bad)} of {len(crcs)} pieces read back from the NVMe "
-                    f"store do not match what was written (first bad piece {bad[0]}); the "
-                    "drive or the file was altered; the run cannot continue from this state"
+                    f"{extent.name}: {len(bad)} of {len(crcs)} pieces read back from the NVMe store do not "
+                    f"match what was written (the first at byte {first.file_offset} of {first.path}): the "
+                    "drive or the file was altered, and the run stops here. Checkpoints already written are "
+                    "intact: check the drive (and that no other program writes there), then rerun the same "
+                    "command to resume from the latest checkpoint"
                 )
 
         return PendingIO(futures, verify, f"reading {extent.name} from the NVMe store")
