@@ -2,10 +2,10 @@
 RAM, host memory or on NVMe, DeepSpeed ZeRO-2 / ZeRO-3 with CPU offload, ZeRO-3 with NVMe offload), the
 same seeded model, data and batch for every system of a row.
 
-    bash scripts/venv-run python benchmarks/matrix.py                      # the default matrix (~1 hour here)
+    bash scripts/venv-run python benchmarks/matrix.py                      # the default matrix (~40 min here)
     bash scripts/venv-run python benchmarks/matrix.py --sizes tiny-llama --methods full,lora --steps 4
                                                       [--systems pytorch,tiertune-nvme,...] [--warmup 2]
-                                                      [--micro-batch 4] [--seq-len 128] [--out DIR]
+                                                      [--micro-batch N] [--seq-len 128] [--out DIR]
                                                       [--nvme-dir DIR] [--timeout-s 1800]
 
 Every cell (one size, one method, one system) runs in a process of its own, so its peak RSS (VmHWM) and
@@ -29,7 +29,8 @@ The systems:
 - ``ds-zero3-nvme``: ZeRO-3 with both on NVMe (ZeRO-Infinity, its libaio ``async_io`` op). For ZeRO-3 the
   model is built as transformers builds it for ZeRO-3, inside ``deepspeed.zero.Init``, each parameter
   partitioned as it is made (so it never exists whole); DeepSpeed's parameter swap buffers are sized to
-  the largest parameter, as in ``benchmarks/zero_infinity.py``.
+  the largest parameter, as in ``benchmarks/zero_infinity.py``, and its optimizer step holds the state of
+  ``--ds-sub-group-size`` parameters at a time (DeepSpeed's default, 1e9, is the whole of a 1B model).
 
 The tuning methods are tiertune's (``full``, ``lora``, ``luc_lora``, ``s2a``); the baselines train the
 very same module (tiertune's method applied to the same seeded base). ``luc_lora`` replaces the base's
@@ -50,7 +51,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,6 +58,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from _deepspeed import AIO, free_port  # benchmarks/, the script's own directory
 
 REPO = Path(__file__).resolve().parent.parent
 SIZES = ("tiny-llama", "small-llama", "llama-1.1b")
@@ -80,8 +82,9 @@ PLACEMENT = {
     "ds-zero3-cpu": "host",
     "ds-zero3-nvme": "nvme",
 }
-# The biggest size runs only these methods by default: each cell is minutes here.
-BIG_METHODS = ("full", "lora")
+# The last size runs only these methods by default: each of its cells is minutes here.
+BIG_METHODS = ("full",)
+BIG_PARAMS = 500e6  # presets above this train micro-batches of 1 by default (a 2-core step is ~20 s)
 METHOD_KEYS = {  # what each method trains, the same for every system
     "full": [],
     "lora": ["tuning.method=lora", "tuning.lora.r=16", "tuning.lora.alpha=32"],
@@ -106,6 +109,7 @@ class Cell:
     micro_batch: int
     seq_len: int
     nvme_dir: str
+    ds_sub_group_size: int = 10**9  # ZeRO-3's optimizer sub-group (DeepSpeed's default)
     # filled by the run
     status: str = "ok"  # ok, skipped, failed
     reason: str = ""
@@ -300,7 +304,7 @@ def deepspeed_config(cell: Cell, cfg, largest: int) -> dict:
         offload = {"device": "nvme", "nvme_path": cell.nvme_dir, "pin_memory": True}
     zero: dict = {"stage": stage, "offload_optimizer": dict(offload)}
     if stage == 3:
-        zero["sub_group_size"] = 10**9  # DeepSpeed's default
+        zero["sub_group_size"] = cell.ds_sub_group_size
         zero["offload_param"] = dict(offload)
         if where == "nvme":  # the smallest swap buffers DeepSpeed accepts: the largest parameter's size
             zero["offload_param"].update(buffer_count=5, buffer_size=largest)
@@ -311,13 +315,7 @@ def deepspeed_config(cell: Cell, cfg, largest: int) -> dict:
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
         "zero_optimization": zero,
-        "aio": {
-            "block_size": 1 << 20,
-            "queue_depth": 8,
-            "intra_op_parallelism": 1,
-            "single_submit": False,
-            "overlap_events": True,
-        },
+        "aio": dict(AIO),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -419,12 +417,6 @@ def run_deepspeed(cell: Cell, work: Path) -> None:
         cell.losses.append(value)
         cell.tokens_per_step = int(batch["input_ids"].numel())
         note(f"step {step}/{cell.steps}: loss {value:.4f}, {elapsed:.2f}s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cell(cell: Cell, work: Path) -> None:
@@ -606,9 +598,16 @@ def plot(cells: list[Cell], path: Path) -> None:
 def planned_cells(args: argparse.Namespace) -> list[Cell]:
     import torch
 
+    from tiertune.config import ModelConfig
+    from tiertune.launch.models import skeleton
+
     accel = torch.cuda.is_available()
     cells = []
     for size in args.sizes:
+        micro_batch = args.micro_batch
+        if micro_batch is None:
+            numel = sum(p.numel() for p in skeleton(ModelConfig(preset=size)).parameters())
+            micro_batch = 1 if numel > BIG_PARAMS else 4
         methods = (
             args.methods
             if args.all_methods or size != SIZES[-1]
@@ -616,7 +615,10 @@ def planned_cells(args: argparse.Namespace) -> list[Cell]:
         )
         for method in methods:
             for system in args.systems:
-                cell = Cell(size, method, system, args.steps, args.warmup, args.micro_batch, args.seq_len, "")
+                cell = Cell(
+                    size, method, system, args.steps, args.warmup, micro_batch, args.seq_len, "",
+                    int(args.ds_sub_group_size),
+                )  # fmt: skip
                 if system == "tiertune-host" and not accel:
                     cell.status = "skipped"
                     cell.reason = (
@@ -641,11 +643,20 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument(
+        "--micro-batch", type=int, default=None, help="default: 4, or 1 for presets above 500M parameters"
+    )
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "matrix"))
     parser.add_argument("--nvme-dir", default=None, help="where the NVMe systems put their files")
     parser.add_argument("--timeout-s", type=float, default=1800, help="a cell running longer is killed")
+    parser.add_argument(
+        "--ds-sub-group-size",
+        type=float,
+        default=1e9,
+        help="ZeRO-3's sub_group_size: the parameters whose optimizer state its step holds at a time "
+        "(default DeepSpeed's 1e9)",
+    )
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -665,7 +676,7 @@ def main() -> None:
         parser.error(f"--sizes: {', '.join(missing)} is not a preset (see `tiertune presets`)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/matrix.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = " ".join(["python benchmarks/matrix.py", *(shlex.quote(a) for a in sys.argv[1:])])
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     cells = planned_cells(args)
     done: list[Cell] = []

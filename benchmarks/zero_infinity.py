@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _timing import TIMED_JOB  # benchmarks/, the script's own directory
+from _deepspeed import AIO, free_port  # benchmarks/, the script's own directory
+from _timing import TIMED_JOB
 
 from tiertune.config import JobConfig
 
@@ -129,13 +129,7 @@ def deepspeed_config(args: argparse.Namespace, cfg: JobConfig, store: Path, larg
             },
             "offload_optimizer": {"device": "nvme", "nvme_path": str(store), "pin_memory": True},
         },
-        "aio": {
-            "block_size": 1 << 20,
-            "queue_depth": 8,
-            "intra_op_parallelism": 1,
-            "single_submit": False,
-            "overlap_events": True,
-        },
+        "aio": dict(AIO),
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -253,12 +247,6 @@ def run_deepspeed(args: argparse.Namespace, work: Path, store: Path) -> dict:
         note(f"step {step}/{args.steps}: loss {losses[-1]:.4f}, {steps[-1]:.2f}s")
     on_drive = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     return {"step_s": steps, "losses": losses, "phases_s": phases, "nvme_bytes": on_drive}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child(args: argparse.Namespace) -> None:
