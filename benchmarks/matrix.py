@@ -157,16 +157,11 @@ def job_overrides(cell: Cell, out: Path) -> list[str]:
 
 
 def io_counters() -> tuple[int, int]:
-    """Bytes this process (all its threads) read from and wrote to storage so far."""
-    read = write = 0
-    with open("/proc/self/io") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == "read_bytes":
-                read = int(value)
-            elif key == "write_bytes":
-                write = int(value)
-    return read, write
+    """Bytes this process (all its threads) read from and wrote to storage so far (``/proc/self/io``)."""
+    import psutil
+
+    io = psutil.Process().io_counters()
+    return io.read_bytes, io.write_bytes
 
 
 class StepMeter:
@@ -488,9 +483,10 @@ def mib(n: float | None) -> str:
 
 
 def machine() -> str:
+    import psutil
     import torch
 
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    mem = psutil.virtual_memory().total / 2**30
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (
         f"{platform.machine()}, {os.cpu_count()} CPU cores, {mem:.1f} GiB RAM, {gpu}; Python "

@@ -22,7 +22,7 @@ with what is missing. ``--record DIR`` keeps the evidence of the big job there: 
 ``tiertune plan`` prints it), the job's log, ``summary.json``, ``metrics.jsonl`` (each step's time, tiers,
 NVMe bytes), the Chrome trace ``trace.json`` and ``memory.png`` (bytes per tier over time), and this
 script's own report (``report.txt``). The largest full fine-tune on the development machine
-(``--preset llama-3b --share 2.7``) is recorded in ``benchmarks/results/largest/``.
+(``--preset llama-3b --share 2.33``) is recorded in ``benchmarks/results/largest/``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import psutil
 
 from tiertune.config import ModelConfig
 from tiertune.launch.models import build_model
@@ -97,14 +99,13 @@ def main() -> None:
     budget_gib = state / args.share / 2**30
     store = [f"offload.nvme_dir=[{args.nvme_dir}]"] if args.nvme_dir else []
     record = Path(args.record) if args.record else None
-    ram = _mem_total()
+    ram = psutil.virtual_memory().total
     print(f"{args.preset}: {numel / 1e9:.2f}B parameters, fp32 training state {format_bytes(state)}")
     print(f"  this machine's RAM {format_bytes(ram)}: the state is {state / ram:.2f}x of it")
-    # by filesystem: the store and the export may share one
-    disk_need: dict[int, tuple[Path, int]] = {}
+    # the store and the export, summed by filesystem (they may share one)
+    disk_need: dict[int, list] = {}
     for where, need in ((Path(args.nvme_dir or "."), 12 * numel), (Path("."), 4 * numel)):
-        dev = where.stat().st_dev
-        disk_need[dev] = (disk_need.get(dev, (where, 0))[0], disk_need.get(dev, (where, 0))[1] + need)
+        disk_need.setdefault(where.stat().st_dev, [where, 0])[1] += need
     for where, need in disk_need.values():
         free = shutil.disk_usage(where).free
         print(
@@ -168,14 +169,6 @@ def main() -> None:
     if record is not None:
         (record / "report.txt").write_text("\n".join(report) + "\n")
     raise SystemExit(0 if rss <= limit else 1)
-
-
-def _mem_total() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 if __name__ == "__main__":

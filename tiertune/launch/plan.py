@@ -68,7 +68,8 @@ def tied_gradient_bytes(model: nn.Module, blocks: list[Block]) -> int:
     """What backward holds outside the homes for trained weights that two modules share (a tied embedding
     and LM head): autograd keeps the later module's gradient (the head's, computed first) until the
     earlier one's arrives at the end of backward, then adds them into a third tensor, each the weight's
-    size. Measured on llama-3b (1.5 GiB embedding): the process's resident set rises by 1.5 GiB through
+    size. The planner already reserves one block's gradients for backward; this is the other two.
+    Measured on llama-3b (1.5 GiB embedding): the process's resident set rises by 1.5 GiB through
     backward and by 3 GiB more at its end."""
     total = 0
     for b in blocks:
