@@ -98,6 +98,8 @@ def main() -> None:
     state = 16 * numel  # fp32 weights, gradients, exp_avg, exp_avg_sq
     budget_gib = state / args.share / 2**30
     store = [f"offload.nvme_dir=[{args.nvme_dir}]"] if args.nvme_dir else []
+    if args.nvme_dir:
+        Path(args.nvme_dir).mkdir(parents=True, exist_ok=True)  # the job wants it made
     record = Path(args.record) if args.record else None
     ram = psutil.virtual_memory().total
     print(f"{args.preset}: {numel / 1e9:.2f}B parameters, fp32 training state {format_bytes(state)}")

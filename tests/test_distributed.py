@@ -76,6 +76,14 @@ CASES = {
     "nvme": ["offload.params=nvme", "offload.optimizer=nvme", "offload.prefetch_depth=1"],
     # LoRA: a frozen base and small adapter flats (some too small to reach the second rank) on NVMe
     "lora-nvme": ["tuning.method=lora", "offload.params=nvme", "offload.optimizer=nvme"],
+    # a tied embedding and LM head: the head's gradient is added into the embedding's before the reduce
+    # (dropout off: GPT-2 has it, and each rank draws its own masks for its rows)
+    "tied-nvme": [
+        "model.preset=tiny-gpt2",
+        "model.dropout=0",
+        "offload.params=nvme",
+        "offload.optimizer=nvme",
+    ],
 }
 
 

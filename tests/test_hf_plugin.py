@@ -52,18 +52,18 @@ def _args(out, **kw):
     )
 
 
-def _model(lora=False):
-    model = build_model(MODEL, seed=0)
+def _model(lora=False, preset=None):
+    model = build_model(ModelConfig(preset=preset) if preset else MODEL, seed=0)
     if lora:
         torch.manual_seed(0)  # the adapters' initial values
         model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     return model
 
 
-def _train(tmp_path, data, options=None, lora=False, resume=None, **kw):
+def _train(tmp_path, data, options=None, lora=False, resume=None, preset=None, **kw):
     """Train with a plain Trainer (``options`` None) or one with the plugin; the logged (loss, grad_norm)
     of each step and the final weights."""
-    model = _model(lora)
+    model = _model(lora, preset)
     args = _args(tmp_path, **kw)
     if options is None:
         trainer = Trainer(model=model, args=args, train_dataset=data)
@@ -97,6 +97,12 @@ def test_an_unmodified_trainer_with_the_plugin_trains_as_the_plain_trainer(tmp_p
     tiered = _train(tmp_path / "tiered", data, NVME, lora=lora)
     _assert_same(plain, tiered)
     assert not (tmp_path / "tiered" / "nvme-store").exists()  # the store went when the plugin closed
+
+
+def test_a_tied_embedding_and_head_train_as_with_the_plain_trainer(tmp_path, data):
+    """GPT-2: the head's gradient kept aside and added into the embedding's, as autograd adds them."""
+    plain = _train(tmp_path / "plain", data, preset="tiny-gpt2")
+    _assert_same(plain, _train(tmp_path / "tiered", data, NVME, preset="tiny-gpt2"))
 
 
 def test_a_trainer_checkpoint_resumes_exactly(tmp_path, data):

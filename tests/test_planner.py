@@ -223,17 +223,25 @@ def test_a_plan_either_fits_every_budget_or_says_what_is_short(device, host, cxl
     assert all(len(b.home) == 3 for b in p.blocks)
 
 
-def test_a_trained_tied_weight_reserves_the_gradients_backward_holds_for_it():
-    """The tied embedding and LM head of llama-1b: backward holds the head's gradient until the embedding's
-    arrives, then adds them: two weight-sized tensors beyond the homes, reserved with the activations."""
+def test_a_trained_tied_weight_reserves_the_gradient_backward_keeps_for_it():
+    """The tied embedding and LM head of llama-1b: the head's gradient goes into the empty gradient home at
+    once (fp32, one rank, no accumulation: nothing to reserve), else it is kept until the embedding's
+    arrives: one weight-sized tensor beyond the homes, reserved with the activations."""
+    import torch
+
     from tiertune.config import ModelConfig
-    from tiertune.launch.models import skeleton
+    from tiertune.launch.models import cast_parameters, skeleton
     from tiertune.launch.plan import tied_gradient_bytes
     from tiertune.offload import find_blocks
 
     tied = skeleton(ModelConfig(preset="llama-1b"))  # on the meta device: no memory
-    assert tied_gradient_bytes(tied, find_blocks(tied)) == 2 * 128256 * 2048 * 4
+    weight = 128256 * 2048
+    assert tied_gradient_bytes(tied, find_blocks(tied), accumulating=False) == 0
+    assert tied_gradient_bytes(tied, find_blocks(tied), accumulating=True) == 4 * weight
+    assert tied_gradient_bytes(tied, find_blocks(tied), accumulating=False, shards=2) == 4 * weight
+    bf16 = cast_parameters(skeleton(ModelConfig(preset="llama-1b")), torch.bfloat16)
+    assert tied_gradient_bytes(bf16, find_blocks(bf16), accumulating=False) == 2 * weight
     tied.get_parameter("lm_head.weight").requires_grad_(False)  # frozen (LoRA): no gradient to hold
-    assert tied_gradient_bytes(tied, find_blocks(tied)) == 0
+    assert tied_gradient_bytes(tied, find_blocks(tied), accumulating=True) == 0
     untied = skeleton(ModelConfig(preset="llama-1.1b"))
-    assert tied_gradient_bytes(untied, find_blocks(untied)) == 0
+    assert tied_gradient_bytes(untied, find_blocks(untied), accumulating=True) == 0

@@ -25,11 +25,12 @@ from tiertune import trace
 from tiertune.config import JobConfig
 from tiertune.errors import CheckpointError, ConfigError
 from tiertune.launch.data import IGNORE_INDEX
-from tiertune.launch.models import WeightSource, materialize, parameter_users, weight_source
+from tiertune.launch.models import WeightSource, materialize, weight_source
 from tiertune.launch.plan import machine_profile, nvme_dirs, nvme_free_bytes, plan_model
 from tiertune.launch.progress import say
 from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
 from tiertune.offload import find_blocks, planner
+from tiertune.offload.blocks import parameter_users
 from tiertune.offload.planner import OPTIMIZER_SLOTS, Plan
 from tiertune.offload.shard import ShardGroup
 from tiertune.offload.store import NvmeStore

@@ -35,6 +35,7 @@ from tiertune.config import ModelConfig
 from tiertune.errors import ModelError
 from tiertune.launch.presets import PRESETS, model_dir
 from tiertune.launch.tokenizer import byte_tokenizer
+from tiertune.offload.blocks import parameter_users
 from tiertune.tuning.depth import source_name as exit_source_name
 from tiertune.tuning.luc import CompressedSource, has_compressed
 
@@ -237,16 +238,6 @@ def base_name(name: str) -> str:
 
 
 _PEFT_WRAPPED = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)\.")
-
-
-def parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
-    """For each parameter (by id): every (module, attribute, qualified name) holding it (tied: several)."""
-    users: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for prefix, module in model.named_modules():
-        for attr, p in module._parameters.items():
-            if p is not None:
-                users.setdefault(id(p), []).append((module, attr, f"{prefix}.{attr}" if prefix else attr))
-    return users
 
 
 def materialize(

@@ -67,3 +67,13 @@ def find_blocks(model: nn.Module) -> list[Block]:
             owner[id(param)] = qualified
             block.params[qualified] = param
     return [b for b in [embed, *layer_blocks, head] if b.params or b.tied]
+
+
+def parameter_users(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """For each parameter (by id): every (module, attribute, qualified name) holding it (tied: several)."""
+    users: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for prefix, module in model.named_modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                users.setdefault(id(p), []).append((module, attr, f"{prefix}.{attr}" if prefix else attr))
+    return users

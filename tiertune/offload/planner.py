@@ -177,7 +177,8 @@ def plan_placement(
     left[Tier.DEVICE] -= activation_bytes
     if Kind.PARAMS in may_move or gathered:
         left[Tier.DEVICE] -= (most_depth + WINDOW_EXTRA) * biggest[Kind.PARAMS]
-    if Kind.GRADS in may_move:
+    trains = any(p.bytes[Kind.GRADS] for p in plans)
+    if may_move and trains:  # the block engine: each block's gradients leave autograd as they complete
         left[Tier.DEVICE] -= biggest[Kind.PARAMS]  # the block's gradients in the compute dtype, leaving
     staging_home = Tier.DEVICE if budgets.device_is_host else Tier.HOST
     slotted = may_move - ({Kind.OPTIMIZER} if forced[Kind.OPTIMIZER] not in (None, Tier.NVME) else set())
@@ -234,12 +235,25 @@ def plan_placement(
         depth = prefetch_depth if streams else 0
     else:  # hide a slower tier behind more blocks of compute
         depth = 2 if Tier.NVME in weights_from else 1 if streams else 0
-    staging = _staging(depth, biggest, moved, budgets.device_is_host)
+    # The window's slots and the weights' staging are sized for the biggest block that streams (what the
+    # streamer allocates); the reservation above assumed the biggest of all.
+    in_flight = dict(biggest)
+    in_flight[Kind.PARAMS] = max(
+        (
+            block_bytes(b, compute_bytes)[Kind.PARAMS]
+            for b, p in zip(blocks, plans)
+            if gathered or p.home[Kind.PARAMS] is not Tier.DEVICE
+        ),
+        default=0,
+    )
+    staging = _staging(depth, in_flight, moved, budgets.device_is_host)
     source = (
         "from the machine profile" if profile is not None else "from built-in figures: run `tiertune probe`"
     )
-    window = (biggest[Kind.PARAMS], depth + WINDOW_EXTRA) if streams else (0, 0)
-    peaks = _peaks(plans, activation_bytes, staging, window, biggest[Kind.PARAMS], budgets.device_is_host)
+    window = (in_flight[Kind.PARAMS], depth + WINDOW_EXTRA) if streams else (0, 0)
+    engine = streams or bool(moved) or any(t is not Tier.DEVICE for p in plans for t in p.home.values())
+    in_backward = biggest[Kind.PARAMS] if engine and trains else 0
+    peaks = _peaks(plans, activation_bytes, staging, window, in_backward, budgets.device_is_host)
     over = [t for t, n in peaks.items() if n > capacity[t]]
     if over:  # the reservation covered the deepest window: a smaller one cannot exceed it
         raise AssertionError(f"plan exceeds its budgets on {over}: {peaks} vs {capacity}")
@@ -280,12 +294,11 @@ def _peaks(
 ) -> dict[Tier, int]:
     """Peak bytes per tier once placed: the homes, plus on the device the activations and whatever streams
     through it (the ``window``'s slots of weights in flight, and the gradients of the block in backward:
-    ``block_bytes``, the biggest block's weights), plus the staging slots."""
+    ``block_bytes``, the biggest block's weights, as autograd makes them before they go home, wherever
+    that is), plus the staging slots."""
     peak = {t: sum(p.bytes[k] for p in plans for k in HOME_KINDS if p.home[k] is t) for t in TIER_ORDER}
     slot, slots = window
-    peak[Tier.DEVICE] += activation_bytes + slot * slots
-    if "grads" in staging:
-        peak[Tier.DEVICE] += block_bytes
+    peak[Tier.DEVICE] += activation_bytes + slot * slots + block_bytes
     peak[Tier.DEVICE if device_is_host else Tier.HOST] += sum(size * n for size, n in staging.values())
     return {t: n for t, n in peak.items() if n}
 

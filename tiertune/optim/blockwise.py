@@ -83,6 +83,7 @@ from tiertune.offload.tensorfile import Deferred, write_torch
 from tiertune.optim.interleave import DEVICE_SLOTS, IN_BYTES_PER_PARAM, Interleaver, Side
 from tiertune.optim.kernels import AdamWKernel, TorchAdamW
 from tiertune.optim.reduce import GradReducer
+from tiertune.optim.tied import SharedUses, later_uses
 from tiertune.optim.updater import OPTIMIZER_FILE, StepReport, param_groups
 
 # Run the device side of interleaved updates on the CPU (scratch, copies and kernel as on an accelerator, done
@@ -129,6 +130,9 @@ class _State:
     backup: list[tuple[_Chunk, torch.Tensor]] | None = None
     norms: torch.Tensor | None = None
     late: bool = False
+    # per parameter that several modules share: its later uses' gradient of this backward, until its first
+    # use's arrives (see tiertune.optim.tied)
+    later: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -255,6 +259,14 @@ class BlockAdamW:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._grad_hook(s, i)))
         if not self.states:
             raise ValueError("no trainable parameters: the tuning method left nothing to train")
+        # Trained weights that several modules share (a tied embedding and LM head): a gradient per use.
+        where = {id(p): (s, i) for s in self.states for i, p in enumerate(s.flat.params)}
+        uses = later_uses(streamer.model, [p for s in self.states for p in s.flat.params])
+        self._shared = SharedUses(
+            streamer.model,
+            uses,
+            {k: self._later_use(*where[k], len(holders) == 1) for k, holders in uses.items()},
+        )
         # Sharded across ranks: gradients come reduce-scattered into each state's shard (see reduce.py).
         self.group = streamer.group
         self._reducer = (
@@ -353,6 +365,15 @@ class BlockAdamW:
                     f"{s.flat.flat.block}: a gradient arrived before the block's pending update ran; "
                     "a module used its weights without the streamer's forward pre-hook"
                 )
+            later = s.later.pop(i, None)
+            if later is not None:  # a shared weight's later uses: summed in place, as autograd would
+                if p.grad is None:  # only they reached the weight in this backward
+                    p.grad = later
+                else:
+                    p.grad.add_(later)
+                del later
+            elif p.grad is None:  # only later uses reached the weight, and their gradient went home
+                return
             if self._reducer is not None:  # summed across ranks, into this rank's shard
                 self._reducer.add(s, i, p.grad)
                 p.grad = None
@@ -370,6 +391,24 @@ class BlockAdamW:
                 self._speculate(s)
 
         return hook
+
+    def _later_use(self, s: _State, i: int, single: bool) -> Callable[[torch.Tensor], None]:
+        """Where the gradient of a later use of the shared weight ``s``'s ``i`` goes (see
+        :mod:`tiertune.optim.tied`). When its slice of the gradient home holds nothing yet and one use is
+        still to come, fp32 (the sum autograd would make is the one the home makes), unsharded and not
+        yet updated this step, it goes into the home at once: no weight-sized tensor outlives the use's
+        backward. Otherwise it is kept for the first use's gradient to take in (:meth:`_grad_hook`)."""
+        offset, numel = s.flat.flat.offsets[i], s.flat.params[i].numel()
+
+        def sink(grad: torch.Tensor) -> None:
+            into_home = single and self._reducer is None and grad.dtype == torch.float32
+            if into_home and not s.touched[i] and not s.pending and s.backup is None:
+                s.grad[offset : offset + numel].add_(grad.reshape(-1).to(s.grad.device))
+                s.touched[i] = True
+            else:  # kept (several later uses: summed first) for the first use's gradient to take in
+                s.later[i] = grad if i not in s.later else s.later[i] + grad
+
+        return sink
 
     def _reduced(self, s: _State, complete: bool) -> None:
         """A sharded state's gradient of this backward has landed: with every parameter's (``complete``)
@@ -939,6 +978,7 @@ class BlockAdamW:
                 continue
             s.grad.zero_()
             s.touched = [False] * len(s.touched)
+            s.later.clear()
 
     def state_bytes(self) -> int:
         """Optimizer state held in memory now (state on NVMe is counted by the store)."""
@@ -1239,6 +1279,7 @@ class BlockAdamW:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._shared.remove()
         if self.streamer.before_use == self.ensure:
             self.streamer.before_use = None
         pending = [
