@@ -47,6 +47,10 @@ def _node_ids(v: list[int] | str) -> str | None:
     return None if v == "auto" or all(n >= 0 for n in v) else "must be NUMA node ids (>= 0), or auto"
 
 
+def _mmap_threshold(v: float | str) -> str | None:
+    return None if v == "auto" or 0 <= v <= 32 else "must be between 0 and 32 MiB, or auto"
+
+
 def _non_empty(v: Any) -> str | None:
     return None if len(v) > 0 else "must not be empty"
 
@@ -385,6 +389,13 @@ class MemoryConfig:
     )
     cxl_nodes: list[int] | Literal["auto"] = opt(
         "auto", "NUMA node ids to use as the CXL tier; auto: every CPU-less node with memory", _node_ids
+    )
+    malloc_mmap_threshold_mib: float | Literal["auto"] = opt(
+        "auto",
+        "host allocations of at least this many MiB get their own mappings, given back when freed (glibc's "
+        "mallopt); 0: leave the allocator as it is (glibc keeps freed blocks of up to 32 MiB); auto: 1 when "
+        "the plan puts anything on NVMe (the job is short of memory), else 0",
+        _mmap_threshold,
     )
 
 

@@ -29,6 +29,7 @@ from tiertune.launch.models import WeightSource, materialize, weight_source
 from tiertune.launch.plan import machine_profile, nvme_dirs, nvme_free_bytes, plan_model
 from tiertune.launch.progress import say
 from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
+from tiertune.memory.malloc import AUTO_MIB, set_mmap_threshold
 from tiertune.offload import find_blocks, planner
 from tiertune.offload.blocks import parameter_users
 from tiertune.offload.planner import OPTIMIZER_SLOTS, Plan
@@ -417,6 +418,11 @@ def build_engine(
         store_dir = store_dir / f"rank-{group.rank}" if store_dir is not None else None
     room = _store_room(cfg, store_dir) // share  # the ranks of a machine share its drives
     plan = plan_model(cfg, model, budgets, room, shards=group.world if group is not None else 1)
+    threshold = cfg.memory.malloc_mmap_threshold_mib
+    if threshold == "auto":
+        threshold = AUTO_MIB if any(t is Tier.NVME for b in plan.blocks for t in b.home.values()) else 0
+    if threshold:  # process-wide, and kept for the jobs that follow in this process
+        set_mmap_threshold(threshold)
     everything_home = all(b.home[k] is Tier.DEVICE for b in plan.blocks for k in b.home)
     if everything_home and not forced and group is None and not always_stream:
         if any(p.is_meta for p in model.parameters()):
