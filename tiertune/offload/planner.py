@@ -251,7 +251,7 @@ def plan_placement(
         "from the machine profile" if profile is not None else "from built-in figures: run `tiertune probe`"
     )
     window = (in_flight[Kind.PARAMS], depth + WINDOW_EXTRA) if streams else (0, 0)
-    engine = streams or bool(moved) or any(t is not Tier.DEVICE for p in plans for t in p.home.values())
+    engine = gathered or any(t is not Tier.DEVICE for p in plans for t in p.home.values())  # the block engine
     in_backward = biggest[Kind.PARAMS] if engine and trains else 0
     peaks = _peaks(plans, activation_bytes, staging, window, in_backward, budgets.device_is_host)
     over = [t for t, n in peaks.items() if n > capacity[t]]

@@ -356,9 +356,14 @@ class BlockAdamW:
         streamer.before_use = self.ensure
         self.zero_grad()
 
-    def _grad_hook(self, s: _State, i: int):
+    @staticmethod
+    def _add_home(s: _State, i: int, grad: torch.Tensor) -> None:
+        """Add ``grad`` (parameter ``i``'s) into its slice of the fp32 gradient home."""
         offset, numel = s.flat.flat.offsets[i], s.flat.params[i].numel()
+        s.grad[offset : offset + numel].add_(grad.reshape(-1).to(s.grad.device, torch.float32))
+        s.touched[i] = True
 
+    def _grad_hook(self, s: _State, i: int):
         def hook(p: torch.nn.Parameter) -> None:
             if s.pending:  # no pre-hook ran for the block in this forward: its weights were stale
                 raise RuntimeError(
@@ -371,15 +376,14 @@ class BlockAdamW:
                     p.grad = later
                 else:
                     p.grad.add_(later)
-                del later
+                del later  # freed before the home takes the sum
             elif p.grad is None:  # only later uses reached the weight, and their gradient went home
                 return
             if self._reducer is not None:  # summed across ranks, into this rank's shard
                 self._reducer.add(s, i, p.grad)
                 p.grad = None
                 return
-            s.grad[offset : offset + numel].add_(p.grad.reshape(-1).to(s.grad.device, torch.float32))
-            s.touched[i] = True
+            self._add_home(s, i, p.grad)
             p.grad = None
             if self._armed_lr is None:
                 return
@@ -398,13 +402,11 @@ class BlockAdamW:
         still to come, fp32 (the sum autograd would make is the one the home makes), unsharded and not
         yet updated this step, it goes into the home at once: no weight-sized tensor outlives the use's
         backward. Otherwise it is kept for the first use's gradient to take in (:meth:`_grad_hook`)."""
-        offset, numel = s.flat.flat.offsets[i], s.flat.params[i].numel()
 
         def sink(grad: torch.Tensor) -> None:
             into_home = single and self._reducer is None and grad.dtype == torch.float32
             if into_home and not s.touched[i] and not s.pending and s.backup is None:
-                s.grad[offset : offset + numel].add_(grad.reshape(-1).to(s.grad.device))
-                s.touched[i] = True
+                self._add_home(s, i, grad)
             else:  # kept (several later uses: summed first) for the first use's gradient to take in
                 s.later[i] = grad if i not in s.later else s.later[i] + grad
 
