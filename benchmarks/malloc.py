@@ -1,5 +1,5 @@
 """What ``memory.malloc_mmap_threshold_mib`` costs and saves: the same job with the allocator as it is
-(0) and with freed blocks of 1 MiB and more given back (1, what ``auto`` sets for a job on NVMe).
+(0) and with freed blocks of 1 MiB and more given back (1, what ``auto`` sets for a job short of host memory).
 
     bash scripts/venv-run python benchmarks/malloc.py [--preset qwen2-0.5b] [--pairs 3] [--steps 4]
                                                       [--seq-len 256] [--threshold 1]

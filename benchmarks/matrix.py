@@ -3,15 +3,16 @@ RAM, host memory or on NVMe, DeepSpeed ZeRO-2 / ZeRO-3 with CPU offload, ZeRO-3 
 same seeded model, data and batch for every system of a row.
 
     bash scripts/venv-run python benchmarks/matrix.py                      # the default matrix (~40 min here)
-    bash scripts/venv-run python benchmarks/matrix.py --sizes tiny-llama --methods full,lora --steps 4
-                                                      [--systems pytorch,tiertune-nvme,...] [--warmup 2]
+    bash scripts/venv-run python benchmarks/matrix.py --sizes tiny-llama --methods full,lora --steps 8
+                                                      [--systems pytorch,tiertune-nvme,...] [--warmup 3]
                                                       [--micro-batch N] [--seq-len 128] [--out DIR]
                                                       [--nvme-dir DIR] [--timeout-s 1800]
 
 Every cell (one size, one method, one system) runs in a process of its own, so its peak RSS (VmHWM) and
 its storage traffic (``/proc/self/io``: every byte the process and its I/O threads read from or wrote to
 a drive, O_DIRECT included, so NVMe offload of every system is counted alike) are its own. A cell trains
-``--steps`` optimizer steps; the first ``--warmup`` are not timed. It reports the median step time,
+``--steps`` optimizer steps; the first ``--warmup`` are not timed (by default 30 and 5, or 7 and 3 for
+presets above 500M parameters). It reports the median step time and the spread of the timed steps,
 tokens/s, peak RSS, peak device memory (on CUDA), the NVMe bytes read and written per timed step, and
 the losses of its steps (a row's systems train the same model on the same rows with the same AdamW,
 schedule and clipping, so their losses agree closely; the table prints the largest gap from PyTorch's).
@@ -85,6 +86,11 @@ PLACEMENT = {
 # The last size runs only these methods by default: each of its cells is minutes here.
 BIG_METHODS = ("full",)
 BIG_PARAMS = 500e6  # presets above this train micro-batches of 1 by default (a 2-core step is ~20 s)
+# Steps and warm-up by default: a small preset's step is a tenth of a second here, where one busy moment of
+# either core moves a step by half; 25 timed steps cost seconds and steady the median. A big preset's step
+# is seconds (its first steps fault in its optimizer state), so it times 4 after 3 of warm-up.
+SMALL_STEPS, SMALL_WARMUP = 30, 5
+BIG_STEPS, BIG_WARMUP = 7, 3
 METHOD_KEYS = {  # what each method trains, the same for every system
     "full": [],
     "lora": ["tuning.method=lora", "tuning.lora.r=16", "tuning.lora.alpha=32"],
@@ -129,6 +135,24 @@ class Cell:
     def median_step_s(self) -> float | None:
         t = self.timed(self.step_s)
         return statistics.median(t) if t else None
+
+    @property
+    def step_quartiles(self) -> tuple[float, float]:
+        """The first and third quartiles of the timed step times (both the one step, if one is timed)."""
+        t = self.timed(self.step_s)
+        if len(t) < 2:
+            return (t[0], t[0]) if t else (0.0, 0.0)
+        q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive")
+        return q1, q3
+
+    @property
+    def step_spread(self) -> float | None:
+        """The interquartile range of the timed step times over their median: how far apart the steps
+        of one cell are (the noise a ratio between two cells has to rise above)."""
+        if len(self.timed(self.step_s)) < 2:
+            return None
+        q1, q3 = self.step_quartiles
+        return (q3 - q1) / statistics.median(self.timed(self.step_s))
 
     def median_io(self, values: list[int]) -> float | None:
         t = self.timed(values)
@@ -498,13 +522,14 @@ def table(cells: list[Cell], command: str, when: str) -> str:
     lines = [
         f"Machine: {machine()}. Run {when}: `{command}`",
         "",
-        "Median step time after warm-up; ratios against plain PyTorch on the same row (x pt: below 1 is "
-        "faster / smaller); NVMe MiB read and written per step; loss gap: the largest difference of any "
-        "step's loss from PyTorch's.",
+        "Median step time after warm-up; IQR: the interquartile range of a cell's timed steps over their "
+        "median (a step-time ratio whose distance from 1 is within the IQRs of its two cells is noise); ratios against plain "
+        "PyTorch on the same row (x pt: below 1 is faster / smaller); NVMe MiB read and written per step; "
+        "loss gap: the largest difference of any step's loss from PyTorch's.",
         "",
-        "| model | method | system | placement | step s | x pt | tok/s | peak RSS MiB | x pt | "
+        "| model | method | system | placement | steps | step s | IQR | x pt | tok/s | peak RSS MiB | x pt | "
         "device MiB | NVMe read | NVMe write | loss gap | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (size, method), row in _rows(cells).items():
         ref = row.get("pytorch")
@@ -512,7 +537,7 @@ def table(cells: list[Cell], command: str, when: str) -> str:
             if c.status != "ok":
                 lines.append(
                     f"| {size} | {method} | {c.system} | {PLACEMENT[c.system]} | - | - | - | - | - | - | - | - "
-                    f"| - | {c.status}: {c.reason.replace('|', '/')} |"
+                    f"| - | - | - | {c.status}: {c.reason.replace('|', '/')} |"
                 )
                 continue
             step = c.median_step_s
@@ -524,8 +549,11 @@ def table(cells: list[Cell], command: str, when: str) -> str:
                 if ok_ref and c.losses and ref.losses
                 else "-"
             )
+            spread = c.step_spread
+            timed = f"{c.steps - c.warmup} of {c.steps}"
             lines.append(
-                f"| {size} | {method} | {c.system} | {PLACEMENT[c.system]} | {step:.3f} | {x_step} | "
+                f"| {size} | {method} | {c.system} | {PLACEMENT[c.system]} | {timed} | {step:.3f} | "
+                f"{'-' if spread is None else f'{spread:.0%}'} | {x_step} | "
                 f"{c.tokens_per_step / step:,.0f} | {mib(c.peak_rss_bytes)} | {x_rss} | "
                 f"{mib(c.peak_device_bytes)} | {mib(c.median_io(c.nvme_read_bytes))} | "
                 f"{mib(c.median_io(c.nvme_write_bytes))} | {gap} | |"
@@ -570,16 +598,19 @@ def plot(cells: list[Cell], path: Path) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.4 * len(rows)), 8), sharex=True)
     width = 0.8 / max(1, len(systems))
     for i, system in enumerate(systems):
-        xs, steps, rss = [], [], []
+        xs, steps, low, high, rss = [], [], [], [], []
         for j, row in enumerate(rows.values()):
             c = row.get(system)
             if c is not None and c.status == "ok" and c.median_step_s:
                 xs.append(j + i * width)
                 steps.append(c.median_step_s)
+                q1, q3 = c.step_quartiles
+                low.append(c.median_step_s - q1)
+                high.append(q3 - c.median_step_s)
                 rss.append(c.peak_rss_bytes / 2**30)
-        axes[0].bar(xs, steps, width, label=system, color=colors[system])
+        axes[0].bar(xs, steps, width, yerr=[low, high], capsize=2, label=system, color=colors[system])
         axes[1].bar(xs, rss, width, label=system, color=colors[system])
-    axes[0].set_ylabel("median step (s, log)")
+    axes[0].set_ylabel("median step (s, log; bars: quartiles)")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("peak RSS (GiB)")
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
@@ -600,10 +631,12 @@ def planned_cells(args: argparse.Namespace) -> list[Cell]:
     accel = torch.cuda.is_available()
     cells = []
     for size in args.sizes:
-        micro_batch = args.micro_batch
-        if micro_batch is None:
-            numel = sum(p.numel() for p in skeleton(ModelConfig(preset=size)).parameters())
-            micro_batch = 1 if numel > BIG_PARAMS else 4
+        big = sum(p.numel() for p in skeleton(ModelConfig(preset=size)).parameters()) > BIG_PARAMS
+        micro_batch = args.micro_batch if args.micro_batch is not None else 1 if big else 4
+        steps = args.steps if args.steps is not None else BIG_STEPS if big else SMALL_STEPS
+        warmup = args.warmup if args.warmup is not None else BIG_WARMUP if big else SMALL_WARMUP
+        if steps <= warmup:
+            raise SystemExit(f"matrix.py: --steps ({steps}) must be more than --warmup ({warmup}) for {size}")
         methods = (
             args.methods
             if args.all_methods or size != SIZES[-1]
@@ -612,7 +645,7 @@ def planned_cells(args: argparse.Namespace) -> list[Cell]:
         for method in methods:
             for system in args.systems:
                 cell = Cell(
-                    size, method, system, args.steps, args.warmup, micro_batch, args.seq_len, "",
+                    size, method, system, steps, warmup, micro_batch, args.seq_len, "",
                     int(args.ds_sub_group_size),
                 )  # fmt: skip
                 if system == "tiertune-host" and not accel:
@@ -637,8 +670,18 @@ def main() -> None:
     parser.add_argument(
         "--all-methods", action="store_true", help=f"also the methods beyond {BIG_METHODS} on the last size"
     )
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"optimizer steps per cell (default {SMALL_STEPS}, or {BIG_STEPS} for presets above 500M parameters)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help=f"the first steps, not timed (default {SMALL_WARMUP}, or {BIG_WARMUP} above 500M parameters)",
+    )
     parser.add_argument(
         "--micro-batch", type=int, default=None, help="default: 4, or 1 for presets above 500M parameters"
     )
@@ -663,8 +706,6 @@ def main() -> None:
         unknown = [x for x in given if x not in known]
         if unknown:
             parser.error(f"{name}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    if args.steps <= args.warmup:
-        parser.error(f"--steps must be more than --warmup ({args.warmup})")
     from tiertune.launch.presets import PRESETS
 
     missing = [s for s in args.sizes if s not in PRESETS]

@@ -56,3 +56,16 @@ def test_the_matrix_trains_one_job_per_row_on_every_system_and_reports_it(tmp_pa
     rows = [line for line in table.splitlines() if line.startswith("| tiny-llama |")]
     assert len(rows) == 3 * len(methods)
     assert (tmp_path / "matrix.png").stat().st_size > 10_000
+
+
+def test_a_cell_reports_the_median_and_spread_of_its_timed_steps_only(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from matrix import Cell
+
+    cell = Cell("tiny-llama", "full", "pytorch", steps=6, warmup=2, micro_batch=4, seq_len=64, nvme_dir="")
+    cell.step_s = [9.0, 7.0, 1.0, 2.0, 3.0, 4.0]  # the two warm-up steps are left out
+    assert cell.median_step_s == 2.5
+    assert cell.step_quartiles == (1.75, 3.25)
+    assert cell.step_spread == pytest.approx(0.6)  # (3.25 - 1.75) / 2.5
+    cell.step_s = [9.0, 7.0, 1.0]
+    assert cell.step_spread is None and cell.step_quartiles == (1.0, 1.0)

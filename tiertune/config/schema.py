@@ -394,7 +394,8 @@ class MemoryConfig:
         "auto",
         "host allocations of at least this many MiB get their own mappings, given back when freed (glibc's "
         "mallopt); 0: leave the allocator as it is (glibc keeps freed blocks of up to 32 MiB); auto: 1 when "
-        "the plan puts anything on NVMe (the job is short of memory), else 0",
+        "the job is short of host memory (its plan puts state on NVMe and fills at least half the host "
+        "budget), else 0",
         _mmap_threshold,
     )
 

@@ -29,7 +29,7 @@ from tiertune.launch.models import WeightSource, materialize, weight_source
 from tiertune.launch.plan import machine_profile, nvme_dirs, nvme_free_bytes, plan_model
 from tiertune.launch.progress import say
 from tiertune.memory import Budgets, Kind, Ledger, Tier, format_bytes, resolve_budgets
-from tiertune.memory.malloc import AUTO_MIB, set_mmap_threshold
+from tiertune.memory.malloc import auto_mmap_threshold_mib, set_mmap_threshold
 from tiertune.offload import find_blocks, planner
 from tiertune.offload.blocks import parameter_users
 from tiertune.offload.planner import OPTIMIZER_SLOTS, Plan
@@ -420,7 +420,12 @@ def build_engine(
     plan = plan_model(cfg, model, budgets, room, shards=group.world if group is not None else 1)
     threshold = cfg.memory.malloc_mmap_threshold_mib
     if threshold == "auto":
-        threshold = AUTO_MIB if any(t is Tier.NVME for b in plan.blocks for t in b.home.values()) else 0
+        host = Tier.DEVICE if budgets.device_is_host else Tier.HOST  # where malloc's memory is counted
+        threshold = auto_mmap_threshold_mib(
+            any(t is Tier.NVME for b in plan.blocks for t in b.home.values()),
+            plan.peak_bytes.get(host, 0),
+            plan.budgets.get(host, 0),
+        )
     if threshold:  # process-wide, and kept for the jobs that follow in this process
         set_mmap_threshold(threshold)
     everything_home = all(b.home[k] is Tier.DEVICE for b in plan.blocks for k in b.home)

@@ -6,8 +6,10 @@ block is freed. A training step makes and frees many tensors between 1 and 32 Mi
 gradient, the logits, activations), so the heap grows to their high-water mark, fragments, and the process
 keeps that memory for good: measured on llama-3b, 0.9 GiB of resident set beyond the ledger and the
 process's fixed cost. With a fixed, lower threshold those tensors get their own mappings, given back to
-the system when freed, at the price of fresh pages (page faults) for each: a few percent of step time
-(``benchmarks/malloc.py`` measures both).
+the system when freed, at the price of fresh pages (page faults) for each, every time: 2% of the step on
+qwen2-0.5b with its weights on NVMe (``benchmarks/malloc.py`` measures both), but 1.5x the step of
+small-llama, whose step is short and all made of such tensors. So ``auto`` sets it only for a job short of
+host memory (:func:`auto_mmap_threshold_mib`).
 
 Only glibc has ``mallopt``; elsewhere this does nothing. A ``MALLOC_MMAP_THRESHOLD_`` in the environment
 is the user's own setting and wins.
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 AUTO_MIB = 1.0  # what ``memory.malloc_mmap_threshold_mib=auto`` sets for a job short of memory
+SHORT_SHARE = 0.5  # a plan filling at least this share of the host budget is short of memory
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -47,3 +50,14 @@ def set_mmap_threshold(mib: float) -> bool:
         return False
     libc.malloc_trim(ctypes.c_size_t(0))
     return True
+
+
+def auto_mmap_threshold_mib(on_nvme: bool, host_peak_bytes: int, host_budget_bytes: int) -> float:
+    """What ``memory.malloc_mmap_threshold_mib=auto`` sets: :data:`AUTO_MIB` for a job short of host
+    memory, one whose plan puts state on NVMe and whose planned host peak fills at least
+    :data:`SHORT_SHARE` of the host budget (the planner fills it when the state does not fit: llama-3b's
+    plan at a 20.5 GiB budget peaks at 18.1 GiB); else 0, the allocator as it is. A job with state on
+    NVMe by choice and half its budget free has room for what the heap keeps (0.9 GiB on llama-3b) and
+    would only pay the page faults."""
+    short = on_nvme and host_budget_bytes > 0 and host_peak_bytes >= SHORT_SHARE * host_budget_bytes
+    return AUTO_MIB if short else 0.0
