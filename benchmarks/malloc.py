@@ -1,8 +1,13 @@
 """What ``memory.malloc_mmap_threshold_mib`` costs and saves: the same job with the allocator as it is
-(0) and with freed blocks of 1 MiB and more given back (1, what ``auto`` sets for a job short of host memory).
+(0) and with freed blocks of 1 MiB and more given back (1, what ``auto`` sets for a job short of host
+memory).
 
     bash scripts/venv-run python benchmarks/malloc.py [--preset qwen2-0.5b] [--pairs 3] [--steps 4]
-                                                      [--seq-len 256] [--threshold 1]
+                                                      [--seq-len 256] [--micro-batch 1] [--threshold 1]
+                                                      [--set KEY=VALUE ...]
+
+``--set`` adds job overrides after the benchmark's own (weights on NVMe, optimizer in memory), so they
+win: ``--set tuning.method=luc_lora --set offload.optimizer=nvme``.
 
 Each run is its own process (the setting is process-wide); the two settings alternate, so a drift of the
 machine's speed hits both alike. Per run: the median step time after the first step, the resident set at
@@ -22,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 JOB = [
-    "train.micro_batch_size=1",
     "train.checkpoint_every=0",
     "train.eval_every=0",
     "train.eval_max_batches=1",
@@ -45,8 +49,10 @@ def one_run(out: Path, args: argparse.Namespace, threshold: float) -> dict[str, 
         f"model.preset={args.preset}",
         f"data.seq_len={args.seq_len}",
         f"train.max_steps={args.steps}",
+        f"train.micro_batch_size={args.micro_batch}",
         f"memory.malloc_mmap_threshold_mib={threshold:g}",
         *JOB,
+        *args.set,
     ]
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -69,13 +75,16 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=1.0, help="MiB, against 0 (as it is)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a job override")
     args = parser.parse_args()
     if args.steps < 2:
         raise SystemExit("--steps must be at least 2: the first step is the warm-up")
     print(
-        f"{args.preset}, 1 x {args.seq_len} tokens, weights on NVMe, optimizer in memory; {args.steps} steps "
-        f"a run, {args.pairs} pairs: memory.malloc_mmap_threshold_mib={args.threshold:g} vs 0 (as it is)"
+        f"{args.preset}, {args.micro_batch} x {args.seq_len} tokens, weights on NVMe, optimizer in memory"
+        f"{''.join(f', {o}' for o in args.set)}; {args.steps} steps a run, {args.pairs} pairs: "
+        f"memory.malloc_mmap_threshold_mib={args.threshold:g} vs 0 (as it is)"
     )
     runs: dict[float, list[dict[str, float]]] = {args.threshold: [], 0.0: []}
     with tempfile.TemporaryDirectory() as tmp:
