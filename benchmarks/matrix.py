@@ -2,7 +2,7 @@
 RAM, host memory or on NVMe, DeepSpeed ZeRO-2 / ZeRO-3 with CPU offload, ZeRO-3 with NVMe offload), the
 same seeded model, data and batch for every system of a row.
 
-    bash scripts/venv-run python benchmarks/matrix.py                      # the default matrix (~40 min here)
+    bash scripts/venv-run python benchmarks/matrix.py                      # the default matrix (~25 min here)
     bash scripts/venv-run python benchmarks/matrix.py --sizes tiny-llama --methods full,lora --steps 8
                                                       [--systems pytorch,tiertune-nvme,...] [--warmup 3]
                                                       [--micro-batch N] [--seq-len 128] [--out DIR]
@@ -152,7 +152,7 @@ class Cell:
         if len(self.timed(self.step_s)) < 2:
             return None
         q1, q3 = self.step_quartiles
-        return (q3 - q1) / statistics.median(self.timed(self.step_s))
+        return (q3 - q1) / self.median_step_s
 
     def median_io(self, values: list[int]) -> float | None:
         t = self.timed(values)
@@ -523,9 +523,9 @@ def table(cells: list[Cell], command: str, when: str) -> str:
         f"Machine: {machine()}. Run {when}: `{command}`",
         "",
         "Median step time after warm-up; IQR: the interquartile range of a cell's timed steps over their "
-        "median (a step-time ratio whose distance from 1 is within the IQRs of its two cells is noise); ratios against plain "
-        "PyTorch on the same row (x pt: below 1 is faster / smaller); NVMe MiB read and written per step; "
-        "loss gap: the largest difference of any step's loss from PyTorch's.",
+        "median (a step-time ratio whose distance from 1 is within the IQRs of its two cells is noise); "
+        "ratios against plain PyTorch on the same row (x pt: below 1 is faster / smaller); NVMe MiB read and "
+        "written per step; loss gap: the largest difference of any step's loss from PyTorch's.",
         "",
         "| model | method | system | placement | steps | step s | IQR | x pt | tok/s | peak RSS MiB | x pt | "
         "device MiB | NVMe read | NVMe write | loss gap | note |",

@@ -6,9 +6,9 @@ block is freed. A training step makes and frees many tensors between 1 and 32 Mi
 gradient, the logits, activations), so the heap grows to their high-water mark, fragments, and the process
 keeps that memory for good: measured on llama-3b, 0.9 GiB of resident set beyond the ledger and the
 process's fixed cost. With a fixed, lower threshold those tensors get their own mappings, given back to
-the system when freed, at the price of fresh pages (page faults) for each, every time: 2% of the step on
-qwen2-0.5b with its weights on NVMe (``benchmarks/malloc.py`` measures both), but 1.5x the step of
-small-llama, whose step is short and all made of such tensors. So ``auto`` sets it only for a job short of
+the system when freed, at the price of fresh pages (page faults) for each, every time: no cost that
+shows on qwen2-0.5b with its weights on NVMe (0.98x its step, within the noise; ``benchmarks/malloc.py``
+measures both), but 1.5x the step of small-llama, whose step is short and all made of such tensors. So ``auto`` sets it only for a job short of
 host memory (:func:`auto_mmap_threshold_mib`).
 
 Only glibc has ``mallopt``; elsewhere this does nothing. A ``MALLOC_MMAP_THRESHOLD_`` in the environment
